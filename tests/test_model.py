@@ -1,0 +1,261 @@
+"""The model is the paper's ViT: exact sizes, exact compute, and equal to PyTorch's own building blocks."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from vit_helpers.model import (
+    MLPBlock,
+    MultiheadSelfAttention,
+    NAMED_MODELS,
+    PatchEmbedding,
+    TransformerEncoderBlock,
+    ViT,
+    ViTConfig,
+)
+
+TINY = dict(image_size=32, num_classes=7)
+
+
+def tiny_config(**overrides) -> ViTConfig:
+    settings = dict(patch_size=8, embed_dim=48, num_layers=2, num_heads=3, mlp_dim=96, **TINY)
+    settings.update(overrides)
+    return ViTConfig(**settings)
+
+
+def randomise_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every tensor a random value, so no comparison can pass because of zeros or ones."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+    return module
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+# --- sizes: Table 1 ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, expected", [
+    ("ViT-B/16", 86_567_656),
+    ("ViT-L/16", 304_326_632),
+    ("ViT-H/14", 632_045_800),
+])
+def test_parameter_counts_with_1000_classes(name, expected):
+    with torch.device("meta"):
+        model = ViT(ViTConfig.named(name, num_classes=1000))
+    assert model.num_parameters() == expected
+
+
+@pytest.mark.parametrize("name, timm_name", [
+    ("ViT-Ti/16", "vit_tiny_patch16_224"),
+    ("ViT-S/16", "vit_small_patch16_224"),
+    ("ViT-B/32", "vit_base_patch32_224"),
+    ("ViT-L/32", "vit_large_patch32_224"),
+])
+def test_parameter_counts_match_timm(name, timm_name):
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        ours = ViT(ViTConfig.named(name, num_classes=1000))
+        theirs = timm.create_model(timm_name, pretrained=False, num_classes=1000)
+    assert ours.num_parameters() == sum(p.numel() for p in theirs.parameters())
+    # Same names and shapes too: a timm checkpoint loads by name alone.
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_named_presets_and_default_patch_sizes():
+    assert ViTConfig.named("ViT-B") == ViTConfig.named("ViT-B/16")
+    assert ViTConfig.named("ViT-H").patch_size == 14
+    assert ViTConfig.named("vit-ti").embed_dim == 192
+    small = ViTConfig.named("ViT-S/16")
+    assert (small.embed_dim, small.num_layers, small.num_heads, small.mlp_dim) == (384, 12, 6, 1536)
+    large = ViTConfig.named("ViT-L/32")
+    assert (large.embed_dim, large.num_layers, large.num_heads, large.mlp_dim, large.patch_size) == (
+        1024, 24, 16, 4096, 32)
+    for name in NAMED_MODELS:
+        assert ViTConfig.named(name).num_patches == (224 // ViTConfig.named(name).patch_size) ** 2
+
+
+def test_named_overrides_and_bad_names():
+    config = ViTConfig.named("ViT-Ti/4", image_size=32, num_classes=10, dropout=0.1)
+    assert (config.patch_size, config.image_size, config.num_classes, config.num_patches) == (4, 32, 10, 64)
+    with pytest.raises(ValueError, match="unknown model"):
+        ViTConfig.named("ViT-XL/16")
+    with pytest.raises(TypeError, match="no field"):
+        ViTConfig.named("ViT-B/16", hidden_size=10)
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        ViTConfig.named("ViT-B/16", image_size=100)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        ViTConfig.named("ViT-B/16", num_heads=7)
+
+
+# --- compute: 17.56 GMACs ------------------------------------------------------------------------------------
+
+def test_vit_b16_gmacs():
+    config = ViTConfig.named("ViT-B/16")
+    assert round(config.forward_macs() / 1e9, 2) == 17.56
+    assert round(config.forward_flops() / 1e9, 1) == 35.1
+    assert round(config.training_flops() / 1e9, 1) == 105.4
+
+
+def test_analytic_flops_equal_pytorchs_flop_counter():
+    """The formula counts exactly the matrix products PyTorch runs (explicit attention path: plain matmuls)."""
+    config = tiny_config()
+    model = ViT(config).eval()
+    for block in model.blocks:
+        block.attn.fused = False
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(3, 3, 32, 32))
+    assert counter.get_total_flops() == 3 * config.forward_flops()
+
+
+# --- Eq. 1: patch embedding ----------------------------------------------------------------------------------
+
+def test_conv_patch_embedding_equals_unfold_and_linear():
+    patch, channels, dim = 8, 3, 20
+    embedding = randomise_(PatchEmbedding(patch, channels, dim))
+    linear = nn.Linear(channels * patch * patch, dim)
+    with torch.no_grad():
+        linear.weight.copy_(embedding.proj.weight.reshape(dim, -1))  # E as a (D, P*P*C) matrix
+        linear.bias.copy_(embedding.proj.bias)
+    images = torch.randn(2, channels, 32, 48)
+    patches = F.unfold(images, kernel_size=patch, stride=patch).transpose(1, 2)  # (batch, N, C*P*P)
+    assert patches.shape == (2, 4 * 6, channels * patch * patch)
+    torch.testing.assert_close(embedding(images), linear(patches), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((2, 3, 30, 32), "multiples of the patch size"),
+    ((2, 3, 32, 33), "multiples of the patch size"),
+    ((2, 1, 32, 32), "3 channels"),
+    ((3, 32, 32), "batch"),
+])
+def test_patch_embedding_rejects_bad_images(shape, message):
+    with pytest.raises(ValueError, match=message):
+        PatchEmbedding(8, 3, 16)(torch.randn(shape))
+
+
+def test_vit_rejects_images_of_another_size():
+    model = ViT(tiny_config())
+    with pytest.raises(ValueError, match="built for 32x32"):
+        model(torch.randn(1, 3, 48, 48))
+
+
+# --- Eq. 2: multi-head self-attention -------------------------------------------------------------------------
+
+def test_explicit_and_fused_attention_agree():
+    attention = randomise_(MultiheadSelfAttention(embed_dim=48, num_heads=4)).eval()
+    x = torch.randn(2, 10, 48)
+    fused = attention(x)
+    explicit, weights = attention(x, return_attention=True)
+    torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
+    assert weights.shape == (2, 4, 10, 10)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 10))
+    attention.fused = False
+    torch.testing.assert_close(attention(x), explicit)
+
+
+def test_attention_equals_torch_multihead_attention():
+    ours = randomise_(MultiheadSelfAttention(embed_dim=48, num_heads=4)).eval()
+    theirs = nn.MultiheadAttention(48, 4, batch_first=True).eval()
+    with torch.no_grad():
+        theirs.in_proj_weight.copy_(ours.qkv.weight)  # [W_q; W_k; W_v], the same stacking as our fused qkv
+        theirs.in_proj_bias.copy_(ours.qkv.bias)
+        theirs.out_proj.weight.copy_(ours.proj.weight)
+        theirs.out_proj.bias.copy_(ours.proj.bias)
+    x = torch.randn(2, 10, 48)
+    expected, expected_weights = theirs(x, x, x, need_weights=True, average_attn_weights=False)
+    actual, weights = ours(x, return_attention=True)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- Eq. 3 and the encoder block ------------------------------------------------------------------------------
+
+def test_mlp_block_is_linear_gelu_linear():
+    mlp = randomise_(MLPBlock(16, 64)).eval()
+    x = torch.randn(2, 5, 16)
+    expected = F.linear(F.gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias)
+    torch.testing.assert_close(mlp(x), expected)
+
+
+def test_encoder_block_equals_torch_transformer_encoder_layer():
+    ours = randomise_(TransformerEncoderBlock(embed_dim=48, num_heads=4, mlp_dim=96)).eval()
+    theirs = nn.TransformerEncoderLayer(48, 4, dim_feedforward=96, dropout=0.0, activation="gelu",
+                                        layer_norm_eps=1e-6, batch_first=True, norm_first=True).eval()
+    with torch.no_grad():
+        for mine, torch_name in [
+            (ours.norm1.weight, "norm1.weight"), (ours.norm1.bias, "norm1.bias"),
+            (ours.attn.qkv.weight, "self_attn.in_proj_weight"), (ours.attn.qkv.bias, "self_attn.in_proj_bias"),
+            (ours.attn.proj.weight, "self_attn.out_proj.weight"), (ours.attn.proj.bias, "self_attn.out_proj.bias"),
+            (ours.norm2.weight, "norm2.weight"), (ours.norm2.bias, "norm2.bias"),
+            (ours.mlp.fc1.weight, "linear1.weight"), (ours.mlp.fc1.bias, "linear1.bias"),
+            (ours.mlp.fc2.weight, "linear2.weight"), (ours.mlp.fc2.bias, "linear2.bias"),
+        ]:
+            theirs.get_parameter(torch_name).copy_(mine)
+    x = torch.randn(2, 10, 48)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+# --- Eqs. 1-4: the whole model --------------------------------------------------------------------------------
+
+def test_forward_reads_the_class_token_of_the_final_layernorm():
+    model = randomise_(ViT(tiny_config())).eval()
+    images = torch.randn(2, 3, 32, 32)
+    features = model.forward_features(images)
+    assert features.shape == (2, 17, 48)  # 4 x 4 patches + class token
+    torch.testing.assert_close(model(images), model.head(features[:, 0]))
+
+
+def test_attention_maps_one_per_layer_and_consistent_with_forward():
+    model = randomise_(ViT(tiny_config())).eval()
+    images = torch.randn(2, 3, 32, 32)
+    maps = model.attention_maps(images)
+    assert len(maps) == 2 and all(m.shape == (2, 3, 17, 17) for m in maps)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 3, 17))
+    # The first layer's map recomputed by hand from z_0 and the first block's weights.
+    block = model.blocks[0]
+    q, k, _ = block.attn.qkv(block.norm1(model.embed(images))).reshape(2, 17, 3, 3, 16).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(maps[0], (q @ k.transpose(-1, -2) / 4.0).softmax(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_initialisation_follows_the_official_code():
+    torch.manual_seed(0)
+    config = ViTConfig.named("ViT-S/16", num_classes=10)
+    model = ViT(config)
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+    assert torch.count_nonzero(model.cls_token) == 0
+    assert abs(model.pos_embed.std().item() - 0.02) < 0.002
+    dim = config.embed_dim
+    xavier_bound = math.sqrt(6 / (dim + dim))  # each of W_q, W_k, W_v is a D x D layer in the official code
+    for third in model.blocks[0].attn.qkv.weight.chunk(3):
+        assert third.abs().max() <= xavier_bound and third.abs().max() > 0.95 * xavier_bound
+    patch_std = model.patch_embed.proj.weight.std().item()
+    assert abs(patch_std - math.sqrt(1 / (3 * 16 * 16))) < 0.1 * patch_std  # LeCun normal: variance 1 / fan_in
+    # A zero head makes every first prediction uniform: the loss starts at exactly log(num_classes).
+    loss = F.cross_entropy(model(torch.randn(2, 3, 224, 224)), torch.tensor([1, 2]))
+    assert abs(loss.item() - math.log(10)) < 1e-6
+
+
+def test_dropout_only_in_training():
+    model = randomise_(ViT(tiny_config(dropout=0.3, attention_dropout=0.3)))
+    images = torch.randn(2, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(model(images), model(images))
+    model.train()
+    assert not torch.allclose(model(images), model(images))
+
+
+def test_every_parameter_gets_a_gradient():
+    model = randomise_(ViT(tiny_config()))
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []

@@ -1,0 +1,30 @@
+"""vit_helpers: the canonical code behind the notebooks that rebuild "An Image is Worth 16x16 Words" (ViT).
+
+Modules, one per concern:
+- `model`: the ViT itself, in the order of the paper's equations (Eqs. 1-4, Table 1).
+- `weights`: conversion to and from torchvision, timm and the official JAX checkpoints.
+- `data`: Animals-10 from Kaggle, the shipped sample, CIFAR-10, and the data loaders.
+- `training`: the training engine (`fit`), checkpoints, multi-GPU.
+- `analysis`: looking inside a trained ViT (attention maps, rollout, Figure 7).
+- `python -m vit_helpers`: the command line (train, bench, download).
+"""
+
+from vit_helpers.model import (
+    MLPBlock,
+    MultiheadSelfAttention,
+    PatchEmbedding,
+    TransformerEncoderBlock,
+    ViT,
+    ViTConfig,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MLPBlock",
+    "MultiheadSelfAttention",
+    "PatchEmbedding",
+    "TransformerEncoderBlock",
+    "ViT",
+    "ViTConfig",
+]
