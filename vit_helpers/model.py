@@ -252,7 +252,9 @@ class MLPBlock(nn.Module):
     def __init__(self, embed_dim: int = 768, mlp_dim: int = 3072, dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(embed_dim, mlp_dim)
-        self.act = nn.GELU()  # exact (erf) GELU, as in the official code and timm/torchvision
+        # Exact (erf) GELU, as timm and torchvision use; the official Flax code uses its tanh approximation
+        # (flax.linen.gelu's default), which differs by under 1e-3 (notebook 04 measures it).
+        self.act = nn.GELU()
         self.drop1 = nn.Dropout(dropout)
         self.fc2 = nn.Linear(mlp_dim, embed_dim)
         self.drop2 = nn.Dropout(dropout)
@@ -338,8 +340,8 @@ class ViT(nn.Module):
           separate D x D layers, so each third of our fused `qkv` weight gets its own Xavier bound, not one bound
           computed over the fused 3D x D matrix;
         - MLP: Xavier uniform, bias normal with std 1e-6;
-        - head: zeros ("zero-initialized" head, section 3.1's fine-tuning and the official training code), so the
-          first logits are all equal and the loss starts exactly at log(num_classes).
+        - head: zeros, as the official code (and section 3.1's "zero-initialized D x K feedforward layer" when
+          fine-tuning), so the first logits are all equal and the loss starts exactly at log(num_classes);
         - LayerNorm: weight one, bias zero (PyTorch's default).
         """
         lecun_normal_(self.patch_embed.proj.weight)
