@@ -1,0 +1,626 @@
+"""The data layer: Animals-10 preparation and download (Kaggle replaced at its network boundary), the shipped
+sample, splits, transforms, loaders and the cached device loaders. Local fixtures only, built in tmp_path."""
+
+import importlib.util
+import os
+import pickle
+import re
+import urllib.error
+import warnings
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vit_helpers import data, gpu_data
+from vit_helpers.data import (
+    ANIMALS10_CLASSES,
+    ITALIAN_TO_ENGLISH,
+    SAMPLE_CLASSES,
+    DatasetError,
+    DownloadError,
+    KaggleCredentialsError,
+    make_dataloaders,
+    prepare_animals10,
+    stratified_split,
+)
+from vit_helpers.gpu_data import make_cached_loaders
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two cores shared with other jobs: one intra-op thread is faster and keeps results reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fixtures: small images of every mode, a Kaggle-like archive and folder
+# --------------------------------------------------------------------------------------------------------------
+
+def write_image(path: Path, mode: str = "RGB", size=(20, 14), seed: int = 0) -> Path:
+    """A random image of `mode`, saved in the format its suffix names."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    if mode == "RGBA":
+        image = rgb.convert("RGBA")
+        image.putalpha(Image.fromarray(rng.integers(0, 256, (size[1], size[0]), dtype=np.uint8)))
+    elif mode == "P":
+        image = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+        image.info["transparency"] = 0
+    else:
+        image = rgb.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **({"transparency": 0} if mode == "P" else {}))
+    return path
+
+
+def write_truncated_jpeg(path: Path) -> Path:
+    write_image(path, "RGB", size=(64, 48), seed=99)
+    path.write_bytes(path.read_bytes()[:400])
+    return path
+
+
+#: Images per Italian class in the fixture (a different count each, so a mix-up shows).
+FIXTURE_COUNTS = {italian: 1 + i % 3 for i, italian in enumerate(sorted(ITALIAN_TO_ENGLISH))}
+TRANSLATE_PY = "raise RuntimeError('translate.py must never be imported or executed')\n"
+
+
+def make_raw_img(folder: Path) -> Path:
+    """folder/raw-img/<italian>/... with .jpeg/.jpg/.png, grayscale, RGBA, palette, CMYK and one truncated file,
+    plus the archive's translate.py beside raw-img."""
+    suffixes = [".jpeg", ".jpg", ".png"]
+    for c, (italian, count) in enumerate(sorted(FIXTURE_COUNTS.items())):
+        for i in range(count):
+            write_image(folder / "raw-img" / italian / f"OIP-{c}{i}{suffixes[(c + i) % 3]}", seed=c * 10 + i)
+    write_image(folder / "raw-img" / "cane" / "gray.jpg", "L", seed=1)
+    write_image(folder / "raw-img" / "gatto" / "rgba.png", "RGBA", seed=2)
+    write_image(folder / "raw-img" / "gatto" / "palette.png", "P", seed=3)
+    write_image(folder / "raw-img" / "ragno" / "cmyk.jpg", "CMYK", seed=4)
+    write_truncated_jpeg(folder / "raw-img" / "ragno" / "truncated.jpg")
+    (folder / "translate.py").write_text(TRANSLATE_PY)
+    return folder
+
+
+def expected_english_counts() -> dict:
+    counts = {ITALIAN_TO_ENGLISH[italian]: n for italian, n in FIXTURE_COUNTS.items()}
+    counts["dog"] += 1
+    counts["cat"] += 2
+    counts["spider"] += 2  # cmyk and the truncated file: preparation copies, the loader skips
+    return counts
+
+
+def zip_folder(folder: Path, archive: Path, prefix: str = "", extra: dict | None = None) -> Path:
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, prefix + path.relative_to(folder).as_posix())
+        for name, payload in (extra or {}).items():
+            zf.writestr(zipfile.ZipInfo(name), payload)
+    return archive
+
+
+@pytest.fixture
+def kaggle_folder(tmp_path) -> Path:
+    return make_raw_img(tmp_path / "extracted")
+
+
+@pytest.fixture
+def kaggle_zip(tmp_path, kaggle_folder) -> Path:
+    return zip_folder(kaggle_folder, tmp_path / "animals10-fixture.zip")
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Animals-10: prepare
+# --------------------------------------------------------------------------------------------------------------
+
+def test_prepare_from_zip_and_from_folder_give_the_english_layout(tmp_path, kaggle_zip, kaggle_folder, capsys):
+    with pytest.warns(UserWarning, match="differs from the Kaggle Animals-10 archive"):
+        from_zip = prepare_animals10(kaggle_zip, tmp_path / "from_zip")
+        from_folder = prepare_animals10(kaggle_folder, tmp_path / "from_folder", quiet=True)
+    assert "dog" in capsys.readouterr().out  # the counts per class are printed
+    assert data.count_images(from_zip) == data.count_images(from_folder) == expected_english_counts()
+    assert sorted(data.count_images(from_zip)) == list(ANIMALS10_CLASSES)
+    assert data.is_prepared(from_zip) and data.is_prepared(from_folder)
+    zip_files = {k: v[1] for k, v in snapshot(from_zip).items() if k != data.PREPARED_MARKER}
+    assert zip_files == {k: v[1] for k, v in snapshot(from_folder).items() if k != data.PREPARED_MARKER}
+    assert not list(from_zip.rglob("translate.py"))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no staging folder left behind
+
+
+def test_prepare_accepts_an_archive_nested_one_level(tmp_path, kaggle_folder):
+    archive = zip_folder(kaggle_folder, tmp_path / "nested.zip", prefix="animals10/")
+    with pytest.warns(UserWarning, match="differs"):
+        dest = prepare_animals10(archive, tmp_path / "dest", quiet=True)
+    assert data.count_images(dest) == expected_english_counts()
+
+
+def test_prepare_is_idempotent(tmp_path, kaggle_zip):
+    dest = tmp_path / "animals10"
+    with pytest.warns(UserWarning, match="differs"):
+        prepare_animals10(kaggle_zip, dest, quiet=True)
+    before = snapshot(dest)
+    with pytest.warns(UserWarning, match="differs"):
+        assert prepare_animals10(kaggle_zip, dest, quiet=True) == dest
+    assert snapshot(dest) == before  # same files, same bytes, same mtimes
+
+
+def test_archive_entries_that_escape_dest_are_refused(tmp_path, kaggle_folder):
+    outside = tmp_path / "outside"
+    escapes = {"../evil.jpg": b"x", "raw-img/cane/../../evil2.jpg": b"x", "raw-img/../../../evil3.jpg": b"x",
+               (outside / "absolute.jpg").as_posix(): b"x", "raw-img/gatto/..\\..\\evil4.jpg": b"x"}
+    archive = zip_folder(kaggle_folder, tmp_path / "hostile.zip", extra=escapes)
+    dest = tmp_path / "work" / "animals10"
+    before = set(tmp_path.rglob("*"))
+    with pytest.warns(UserWarning) as caught:
+        prepare_animals10(archive, dest, quiet=True)
+    refused = " ".join(str(w.message) for w in caught if "refused" in str(w.message))
+    assert all(name in refused for name in ("evil.jpg", "evil2.jpg", "evil3.jpg", "evil4.jpg", "absolute.jpg"))
+    written = set(tmp_path.rglob("*")) - before - {dest.parent, dest}
+    assert written and all(dest in p.parents for p in written), sorted(written - set(dest.rglob("*")))
+    assert not outside.exists()
+    assert data.count_images(dest) == expected_english_counts()
+
+
+def test_symbolic_links_in_a_folder_source_are_refused(tmp_path, kaggle_folder):
+    secret = write_image(tmp_path / "secret" / "secret.jpg")
+    (kaggle_folder / "raw-img" / "cane" / "link.jpg").symlink_to(secret)
+    (kaggle_folder / "raw-img" / "mucca").rename(tmp_path / "real_mucca")
+    (kaggle_folder / "raw-img" / "mucca").symlink_to(tmp_path / "real_mucca", target_is_directory=True)
+    with pytest.warns(UserWarning) as caught:
+        dest = prepare_animals10(kaggle_folder, tmp_path / "dest", quiet=True)
+    assert any("link.jpg (symbolic link)" in str(w.message) for w in caught)
+    assert not (dest / "dog" / "link.jpg").exists() and not (dest / "cow").exists()
+
+
+def test_prepare_never_overwrites_a_foreign_folder(tmp_path, kaggle_zip):
+    dest = tmp_path / "mine"
+    write_image(dest / "holiday.jpg")
+    with pytest.raises(DatasetError, match="not written by prepare_animals10"):
+        prepare_animals10(kaggle_zip, dest, quiet=True)
+    assert (dest / "holiday.jpg").is_file()
+
+
+def test_the_prepared_folder_loads_with_every_image_mode_and_skips_the_truncated_file(tmp_path, kaggle_zip):
+    with pytest.warns(UserWarning, match="differs"):
+        dest = prepare_animals10(kaggle_zip, tmp_path / "animals10", quiet=True)
+    with pytest.warns(UserWarning, match=r"truncated\.jpg"):
+        folder = data.VerifiedImageFolder(dest)
+    assert folder.classes == list(ANIMALS10_CLASSES)
+    assert len(folder) == sum(expected_english_counts().values()) - 1
+    modes = {Image.open(path).mode for path, _ in folder.samples}
+    assert {"L", "RGBA", "P", "CMYK", "RGB"} <= modes
+    _, test_transform = data.build_transforms(16, augment=False)
+    for path, _ in folder.samples:
+        assert test_transform(data.load_rgb(path)).shape == (3, 16, 16)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Animals-10: download (Kaggle replaced at its network boundary)
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_home(tmp_path, monkeypatch):
+    """A HOME with no Kaggle credentials and no KAGGLE_* variables."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    for name in list(os.environ):
+        if name.startswith("KAGGLE_"):
+            monkeypatch.delenv(name)
+    return home
+
+
+@pytest.fixture
+def kaggle_api(fake_home, monkeypatch):
+    """Fake legacy credentials (they authenticate without the network) and the real KaggleApi class."""
+    monkeypatch.setenv("KAGGLE_USERNAME", "student")
+    monkeypatch.setenv("KAGGLE_KEY", "0" * 32)
+    from kaggle.api.kaggle_api_extended import KaggleApi
+    return KaggleApi
+
+
+def test_download_renames_a_whole_archive_then_prepares(tmp_path, kaggle_zip, kaggle_api, monkeypatch):
+    dest = tmp_path / "data" / "animals10"
+    calls = []
+
+    def fake_download(self, dataset, path=None, force=False, quiet=True, unzip=False, licenses=[]):
+        calls.append((dataset, Path(path)))
+        assert not dest.with_name("animals10.zip").exists()  # the final name appears only when whole
+        (Path(path) / "animals10.zip").write_bytes(kaggle_zip.read_bytes())
+
+    monkeypatch.setattr(kaggle_api, "dataset_download_files", fake_download)
+    with pytest.warns(UserWarning, match="differs"):
+        assert data.download_animals10(dest, quiet=True) == dest
+    assert calls == [("alessiocorrado99/animals10", dest.with_name("animals10.zip.part"))]
+    assert data.count_images(dest) == expected_english_counts()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["animals10"]  # archive and .part folder removed
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a prepared folder must not be downloaded again")
+
+    monkeypatch.setattr(kaggle_api, "dataset_download_files", no_network)
+    with pytest.warns(UserWarning, match="differs"):
+        assert data.download_animals10(dest, quiet=True) == dest
+
+
+def test_an_archive_downloaded_by_hand_is_prepared_without_kaggle_and_kept(tmp_path, kaggle_zip, fake_home):
+    archive = tmp_path / "data" / "animals10.zip"
+    archive.parent.mkdir()
+    archive.write_bytes(kaggle_zip.read_bytes())
+    with pytest.warns(UserWarning, match="differs"):
+        dest = data.download_dataset("animals10", tmp_path / "data" / "animals10")
+    assert data.count_images(dest) == expected_english_counts() and archive.is_file()
+    assert data.download_dataset("sample") == ROOT / "data" / "sample"
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        data.download_dataset("imagenet")
+
+
+def test_missing_credentials_give_a_clear_error_naming_the_three_ways(tmp_path, fake_home):
+    assert data.kaggle_credentials_source() is None
+    with pytest.raises(KaggleCredentialsError) as error:
+        data.download_animals10(tmp_path / "data" / "animals10")  # a SystemExit would fail this test
+    message = str(error.value)
+    assert "KAGGLE_API_TOKEN" in message and "kaggle.json" in message and "KAGGLE_USERNAME" in message
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_each_credential_source_is_recognised(fake_home, monkeypatch):
+    (fake_home / ".kaggle").mkdir()
+    (fake_home / ".kaggle" / "kaggle.json").write_text('{"username": "u", "key": "k"}')
+    assert data.kaggle_credentials_source().endswith("kaggle.json")
+    (fake_home / ".kaggle" / "access_token").write_text("token\n")
+    assert data.kaggle_credentials_source().endswith("access_token")
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "token")
+    assert data.kaggle_credentials_source() == "KAGGLE_API_TOKEN"
+
+
+@pytest.mark.parametrize("failure", [SystemExit(1), NameError("name 'exit' is not defined")])
+def test_kaggle_exiting_while_signing_in_becomes_the_clear_error(tmp_path, kaggle_api, monkeypatch, failure):
+    def authenticate(self):
+        print("a long page of Kaggle help")
+        raise failure
+
+    monkeypatch.setattr(kaggle_api, "authenticate", authenticate)
+    with pytest.raises(KaggleCredentialsError, match="KAGGLE_USERNAME"):
+        data.download_animals10(tmp_path / "data" / "animals10", quiet=True)
+
+
+def test_an_offline_download_leaves_nothing_half_written(tmp_path, kaggle_api, monkeypatch):
+    import requests
+
+    def offline(self, dataset, path=None, **kwargs):
+        (Path(path) / "animals10.zip").write_bytes(b"PK\x03\x04 half an archive")
+        raise requests.exceptions.ConnectionError("Failed to resolve 'www.kaggle.com'")
+
+    monkeypatch.setattr(kaggle_api, "dataset_download_files", offline)
+    data_dir = tmp_path / "data"
+    with pytest.raises(DownloadError, match="internet connection"):
+        data.download_animals10(data_dir / "animals10", quiet=True)
+    assert list(data_dir.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CIFAR-10 and names
+# --------------------------------------------------------------------------------------------------------------
+
+def test_cifar10_offline_is_a_clear_error(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    with pytest.raises(DownloadError, match="cifar-10-python.tar.gz"):
+        data.prepare_cifar10(tmp_path / "cifar10", quiet=True)
+    assert not (tmp_path / "cifar10" / "images").exists()
+
+
+def test_cifar10_is_written_as_an_image_folder(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    batches = tmp_path / "cifar10" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+    for name in names:
+        entry = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 1]}
+        (batches / name).write_bytes(pickle.dumps(entry))
+    (batches / "batches.meta").write_bytes(pickle.dumps({"label_names": ["airplane", "automobile", "bird"]}))
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)  # the fixture has its own md5s
+    images = data.prepare_cifar10(tmp_path / "cifar10", quiet=True)
+    assert data.count_images(images / "train") == {"airplane": 5, "automobile": 10, "bird": 5}
+    assert data.count_images(images / "test") == {"airplane": 1, "automobile": 2, "bird": 1}
+    assert Image.open(images / "test" / "bird" / "00002.png").size == (32, 32)
+
+
+def test_resolve_dataset_names_and_paths(tmp_path, monkeypatch, fake_home):
+    assert data.resolve_dataset("sample") == ROOT / "data" / "sample"
+    assert data.resolve_dataset(tmp_path) == tmp_path
+    with pytest.raises(DatasetError, match="not a folder"):
+        data.resolve_dataset(tmp_path / "missing")
+    monkeypatch.setattr(data, "DATA_ROOT", tmp_path / "installed")
+    with pytest.raises(DatasetError, match="make_sample.py"):
+        data.resolve_dataset("sample")
+    with pytest.raises(KaggleCredentialsError, match="KAGGLE_API_TOKEN"):
+        data.resolve_dataset("animals10")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The shipped sample
+# --------------------------------------------------------------------------------------------------------------
+
+SAMPLE = ROOT / "data" / "sample"
+
+
+def load_make_sample():
+    spec = importlib.util.spec_from_file_location("make_sample", ROOT / "data" / "make_sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_shipped_sample_has_the_documented_size():
+    for split, per_class in (("train", 400), ("test", 100)):
+        assert data.count_images(SAMPLE / split) == {name: per_class for name in SAMPLE_CLASSES}
+    pngs = sorted(SAMPLE.glob("*/*/*.png"))
+    assert len(pngs) == 5000
+    assert sum(p.stat().st_size for p in SAMPLE.rglob("*") if p.is_file() and ".cache" not in p.parts) <= 5e6
+    assert {Image.open(p).size + (Image.open(p).mode,) for p in pngs[::250]} == {(28, 28, "L")}
+    assert all(re.fullmatch(r"\d{5}\.png", p.name) for p in pngs)  # the image's index in Fashion-MNIST's split
+    assert (SAMPLE / "LICENSE").read_text().startswith("The MIT License")
+    assert sorted(load_make_sample().CLASS_NAMES) == list(SAMPLE_CLASSES)
+
+
+def test_the_shipped_sample_matches_its_provenance_fingerprint():
+    provenance = (SAMPLE / "PROVENANCE.md").read_text()
+    recorded = provenance.split("fingerprint: ")[1].split()[0]
+    assert load_make_sample().content_fingerprint(SAMPLE) == recorded
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_make_sample_rebuilds_the_sample_byte_for_byte(tmp_path):
+    make_sample = load_make_sample()
+    rebuilt = make_sample.build_sample(out=tmp_path / "sample")
+    assert make_sample.content_fingerprint(rebuilt) == make_sample.content_fingerprint(SAMPLE)
+    assert (rebuilt / "PROVENANCE.md").read_text() == (SAMPLE / "PROVENANCE.md").read_text()
+
+
+def test_the_sample_loads_through_the_name():
+    train, test, classes = make_dataloaders("sample", image_size=28, batch_size=100, num_workers=0)
+    assert classes == list(SAMPLE_CLASSES)
+    assert len(train.dataset) == 4000 and len(test.dataset) == 1000
+    assert Counter(train.dataset.targets) == {i: 400 for i in range(10)}
+    assert Counter(test.dataset.targets) == {i: 100 for i in range(10)}
+    assert len(train) == 40
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Splits, transforms, loaders
+# --------------------------------------------------------------------------------------------------------------
+
+def make_tree(root: Path, classes=("ant", "bee", "cat"), per_class=10, size=(12, 10)) -> Path:
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            write_image(root / name / f"{i:03d}.png", size=size, seed=100 * c + i)
+    return root
+
+
+def test_stratified_split_is_seeded_stratified_and_frozen():
+    targets = [0] * 10 + [1] * 20 + [2] * 5
+    train, test = stratified_split(targets, 0.2, seed=42)
+    assert (train, test) == stratified_split(targets, 0.2, seed=42)
+    assert test != stratified_split(targets, 0.2, seed=7)[1]
+    assert sorted(train + test) == list(range(35))
+    assert Counter(targets[i] for i in test) == {0: 2, 1: 4, 2: 1}
+    # numpy's RandomState never changes its streams: this split is the same on every machine and version.
+    assert test == [1, 8, 16, 18, 19, 23, 31]
+
+
+def test_loaders_split_a_single_tree_identically_on_every_call(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    first = make_dataloaders(root, image_size=8, batch_size=4, test_fraction=0.3, seed=1, num_workers=0)
+    again = make_dataloaders(root, image_size=8, batch_size=4, test_fraction=0.3, seed=1, num_workers=0)
+    other = make_dataloaders(root, image_size=8, batch_size=4, test_fraction=0.3, seed=2, num_workers=0)
+    assert first[0].dataset.samples == again[0].dataset.samples
+    assert first[1].dataset.samples == again[1].dataset.samples
+    assert first[1].dataset.samples != other[1].dataset.samples
+    assert Counter(first[1].dataset.targets) == {0: 3, 1: 3, 2: 3}
+    assert not set(first[0].dataset.samples) & set(first[1].dataset.samples)
+
+
+def batches(loader, epoch=None):
+    if epoch is not None:
+        loader.sampler.set_epoch(epoch)
+    images, labels = zip(*loader)
+    return torch.cat(images), torch.cat(labels)
+
+
+def test_test_loader_is_unaugmented_and_in_order_and_train_is_augmented(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    train, test, _ = make_dataloaders(root, image_size=8, batch_size=4, test_fraction=0.3, seed=0, num_workers=0)
+    first, labels = batches(test)
+    assert torch.equal(first, batches(test)[0])
+    assert labels.tolist() == test.dataset.targets
+    assert isinstance(train.sampler, torch.utils.data.DistributedSampler)
+    assert (train.sampler.num_replicas, train.sampler.rank, train.sampler.seed) == (1, 0, 0)
+    assert not torch.equal(batches(train, epoch=0)[0], batches(train, epoch=0)[0])  # random crops and flips
+
+
+def test_worker_processes_give_the_same_batches(tmp_path):
+    root = make_tree(tmp_path / "tree", per_class=4)
+    _, in_process, _ = make_dataloaders(root, image_size=8, batch_size=4, num_workers=0)
+    _, in_workers, _ = make_dataloaders(root, image_size=8, batch_size=4, num_workers=1)
+    assert in_workers.persistent_workers and not in_process.persistent_workers
+    assert in_workers.pin_memory == torch.cuda.is_available()
+    assert torch.equal(batches(in_process)[0], batches(in_workers)[0])
+
+
+def test_train_order_is_a_function_of_seed_and_epoch_and_augment_false_is_deterministic(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    train, test, _ = make_dataloaders(root, image_size=8, batch_size=4, augment=False, num_workers=0)
+    images, labels = batches(train, epoch=3)
+    again_images, again_labels = batches(train, epoch=3)
+    assert torch.equal(images, again_images) and torch.equal(labels, again_labels)
+    assert not torch.equal(batches(train, epoch=4)[1], labels)
+    assert len(images) == len(train) * 4  # full batches only
+    # Unaugmented, a training image is exactly its test-transform view.
+    _, test_transform = data.build_transforms(8, augment=False)
+    train.sampler.set_epoch(3)
+    order = list(train.sampler)
+    assert torch.equal(images[0], test_transform(data.load_rgb(train.dataset.samples[order[0]][0])))
+
+
+def test_strong_augmentation_and_the_constants(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    train, _, _ = make_dataloaders(root, image_size=8, batch_size=4, augment="strong", num_workers=0)
+    assert any(type(t).__name__ == "RandAugment" for t in train.dataset.transform.transforms)
+    with pytest.raises(ValueError, match="augment"):
+        make_dataloaders(root, augment="heavy")
+    images = torch.rand(2, 3, 8, 8)
+    mean, std = torch.tensor(data.NORMALIZE_MEAN).view(3, 1, 1), torch.tensor(data.NORMALIZE_STD).view(3, 1, 1)
+    normalised = (images - mean) / std
+    assert torch.allclose(data.denormalize(normalised), images, atol=1e-6)
+    assert data.NORMALIZE_MEAN == data.NORMALIZE_STD == (0.5, 0.5, 0.5)
+
+
+def test_every_image_mode_becomes_rgb_and_transparency_becomes_white(tmp_path):
+    for mode, suffix in (("L", ".jpg"), ("RGBA", ".png"), ("P", ".png"), ("CMYK", ".jpg"), ("1", ".png"),
+                         ("LA", ".png"), ("I;16", ".png")):
+        image = data.load_rgb(write_image(tmp_path / f"{mode.replace(';', '_')}{suffix}", mode))
+        assert image.mode == "RGB" and image.size == (20, 14), mode
+    clear = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    assert data.to_rgb(clear).getpixel((0, 0)) == (255, 255, 255)
+    sixteen_bit = Image.new("I;16", (4, 4), 30000)  # PIL's own convert("RGB") would give white
+    assert data.to_rgb(sixteen_bit).getpixel((0, 0)) == (117, 117, 117)
+
+
+def test_truncated_and_unreadable_files_are_skipped_with_a_warning_that_names_them(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "tree", per_class=3)
+    write_truncated_jpeg(root / "bee" / "broken.jpg")
+    (root / "cat" / "not_an_image.png").write_bytes(b"hello")
+    with pytest.warns(UserWarning, match=r"broken\.jpg") as caught:
+        folder = data.VerifiedImageFolder(root)
+    assert "not_an_image.png" in str(caught[0].message)
+    assert len(folder) == 9 and all(folder[i][0].mode == "RGB" for i in range(len(folder)))
+    # The verdicts are cached: a second build opens nothing and still skips them.
+    monkeypatch.setattr(data, "check_image", lambda path: pytest.fail(f"{path} was opened again"))
+    with pytest.warns(UserWarning, match=r"broken\.jpg"):
+        assert len(data.VerifiedImageFolder(root)) == 9
+
+
+def test_empty_folders_and_empty_classes_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no class folders"):
+        make_dataloaders(tmp_path / "empty")
+    root = make_tree(tmp_path / "tree", per_class=2)
+    (root / "dog").mkdir()
+    with pytest.raises(DatasetError, match="dog"):
+        data.VerifiedImageFolder(root)
+    write_truncated_jpeg(root / "dog" / "only.jpg")
+    with pytest.raises(DatasetError, match="dog"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data.VerifiedImageFolder(root)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cached device loaders (on the CPU here)
+# --------------------------------------------------------------------------------------------------------------
+
+def make_split_tree(root: Path) -> Path:
+    make_tree(root / "train", per_class=6, size=(14, 10))
+    make_tree(root / "test", per_class=3, size=(10, 14))
+    return root
+
+
+def test_the_cache_is_written_once_and_reused_until_a_file_changes(tmp_path, monkeypatch):
+    root = make_split_tree(tmp_path / "data")
+    make_cached_loaders(root, image_size=8, batch_size=4, device="cpu")
+    cache = root / ".cache" / "vit_cache_train_8.pt"
+    stamp = cache.stat().st_mtime_ns
+    monkeypatch.setattr(gpu_data, "decode_images", lambda *a, **k: pytest.fail("decoded again"))
+    train, test, classes = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu")
+    assert cache.stat().st_mtime_ns == stamp and classes == ["ant", "bee", "cat"]
+    monkeypatch.undo()
+    write_image(root / "train" / "ant" / "new.png", seed=7)
+    train, _, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu")
+    assert train.dataset_size == 19 and cache.stat().st_mtime_ns != stamp
+
+
+def test_cached_batches_have_the_right_shapes_and_match_the_plain_loader(tmp_path):
+    root = make_split_tree(tmp_path / "data")
+    train, test, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu", augment=False, seed=5)
+    plain_train, plain_test, _ = make_dataloaders(root, image_size=8, batch_size=4, augment=False, seed=5,
+                                                  num_workers=0)
+    images, labels = next(iter(train))
+    assert images.shape == (4, 3, 8, 8) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert len(train) == 18 // 4 and len(test) == 3 and len(test.dataset) == 9
+    assert train.dataset.targets == plain_train.dataset.targets
+    cached, cached_labels = (torch.cat(t) for t in zip(*test))
+    plain, plain_labels = batches(plain_test)
+    assert torch.equal(cached_labels, plain_labels) and torch.allclose(cached, plain, atol=1e-6)
+    train.set_epoch(2)
+    cached, cached_labels = (torch.cat(t) for t in zip(*train))
+    plain, plain_labels = batches(plain_train, epoch=2)  # same sampler: same order for the same seed and epoch
+    assert torch.equal(cached_labels, plain_labels) and torch.allclose(cached, plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("augment", [True, "strong"])
+def test_cached_epochs_are_a_function_of_seed_and_epoch(tmp_path, augment):
+    root = make_split_tree(tmp_path / "data")
+    train, _, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu", augment=augment)
+
+    def epoch(number):
+        train.set_epoch(number)
+        return [torch.cat(t) for t in zip(*train)]
+
+    first, again, other = epoch(1), epoch(1), epoch(2)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+    assert first[0].isfinite().all() and first[0].min() >= -1 and first[0].max() <= 1
+    fresh, _, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu", augment=augment)
+    fresh.sampler.set_epoch(1)  # what an engine written for make_dataloaders calls
+    assert torch.equal(torch.cat([x for x, _ in fresh]), first[0])  # a resumed run replays the epoch
+
+
+def test_cached_split_of_a_single_tree_matches_the_plain_split(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    train, test, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu", test_fraction=0.3)
+    plain_train, plain_test, _ = make_dataloaders(root, image_size=8, batch_size=4, test_fraction=0.3,
+                                                  num_workers=0)
+    assert (root / ".cache" / "vit_cache_all_8.pt").is_file()
+    assert test.dataset.targets == plain_test.dataset.targets
+    assert torch.allclose(torch.cat([x for x, _ in test]), batches(plain_test)[0], atol=1e-6)
+
+
+def test_rank_sharding_covers_the_test_set_exactly_once(tmp_path):
+    root = make_split_tree(tmp_path / "data")
+    world = 2
+    shards = [make_cached_loaders(root, image_size=8, batch_size=2, device="cpu", num_replicas=world, rank=r)
+              for r in range(world)]
+    test_indices = [list(test.sampler) for _, test, _ in shards]
+    assert sorted(sum(test_indices, [])) == list(range(9))
+    assert sum(len(torch.cat([y for _, y in test])) for _, test, _ in shards) == 9
+    for _, test, _ in shards:
+        test.set_epoch(0)
+    train_indices = []
+    for train, _, _ in shards:
+        train.set_epoch(4)
+        train_indices.append(list(train.sampler))
+    assert len(train_indices[0]) == len(train_indices[1]) == 9
+    assert sorted(sum(train_indices, [])) == list(range(18))  # 18 images split evenly, none twice

@@ -1,0 +1,762 @@
+"""Data: the shipped Fashion-MNIST sample, Animals-10 from Kaggle, CIFAR-10, and the loaders that feed a ViT.
+
+    train_loader, test_loader, class_names = make_dataloaders("sample", image_size=32, batch_size=64)
+
+Every dataset ends up as an ImageFolder tree, `<root>/<class>/<image>`, either with `train/` and `test/` inside
+(the split is given) or without (a seeded split, stratified by class). `resolve_dataset` turns the names
+"sample", "animals10" and "cifar10" into such a folder, downloading what is missing. For GPUs,
+`vit_helpers.gpu_data.make_cached_loaders` decodes every image once and augments on the device.
+
+Preprocessing follows the paper's code: pixels are scaled to [-1, 1] (mean = std = 0.5 per channel), and the
+training images get a random resized crop and a horizontal flip (Appendix B.1 and the AugReg follow-up,
+Steiner et al. 2021, "How to train your ViT?", which adds RandAugment: `augment="strong"`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+import zipfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+# --------------------------------------------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------------------------------------------
+
+#: The repository (the package is installed editable from it); the shipped data lives in its `data/` folder.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = REPO_ROOT / "data"
+
+#: Per-channel mean and std for normalisation. 0.5 maps pixels from [0, 1] to [-1, 1], the preprocessing of the
+#: paper's own code (google-research/vision_transformer) and of the original ViT checkpoints that timm and our
+#: `weights` module load; ImageNet's statistics are kept below for torchvision's ViT weights, which expect them.
+NORMALIZE_MEAN = (0.5, 0.5, 0.5)
+NORMALIZE_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: RandomResizedCrop keeps 35-100% of the image's area. Inception's 8% suits 224-pixel ImageNet photos; on a
+#: 28-pixel garment or a small dataset such crops leave too little to recognise.
+RANDOM_CROP_SCALE = (0.35, 1.0)
+
+#: What counts as an image file (torchvision's list).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+#: The names `resolve_dataset` (and so every `data` argument) understands besides a folder path.
+DATASET_NAMES = ("sample", "animals10", "cifar10")
+
+#: The shipped sample (data/sample, built by data/make_sample.py): Fashion-MNIST, 28x28 grayscale, balanced.
+SAMPLE_CLASSES = ("ankle_boot", "bag", "coat", "dress", "pullover", "sandal", "shirt", "sneaker", "t-shirt_top",
+                  "trouser")  # sorted, as ImageFolder numbers them
+SAMPLE_TRAIN_PER_CLASS = 400
+SAMPLE_TEST_PER_CLASS = 100
+
+#: Animals-10 on Kaggle: https://www.kaggle.com/datasets/alessiocorrado99/animals10
+ANIMALS10_DATASET = "alessiocorrado99/animals10"
+#: The archive's folders are Italian. Our own map: the archive's translate.py lacks "ragno" and is never run.
+ITALIAN_TO_ENGLISH = {
+    "cane": "dog", "cavallo": "horse", "elefante": "elephant", "farfalla": "butterfly", "gallina": "chicken",
+    "gatto": "cat", "mucca": "cow", "pecora": "sheep", "ragno": "spider", "scoiattolo": "squirrel",
+}
+#: The class names in the order the loaders number them (ImageFolder sorts folder names).
+ANIMALS10_CLASSES = tuple(sorted(ITALIAN_TO_ENGLISH.values()))
+#: Images per class in the Kaggle archive (26,179 in all), to check a prepared folder against.
+ANIMALS10_COUNTS = {
+    "dog": 4863, "spider": 4821, "chicken": 3098, "horse": 2623, "butterfly": 2112, "cow": 1866,
+    "squirrel": 1862, "sheep": 1820, "cat": 1668, "elephant": 1446,
+}
+
+#: Written last into a prepared folder: present means complete.
+PREPARED_MARKER = ".prepared.json"
+
+KAGGLE_CREDENTIALS_HELP = (
+    "Kaggle needs your API credentials to download Animals-10. Create a token at "
+    "https://www.kaggle.com/settings (API section), then do one of:\n"
+    "  1. export KAGGLE_API_TOKEN=<token>   (or save the token in ~/.kaggle/access_token)\n"
+    "  2. save kaggle.json in ~/.kaggle/kaggle.json (chmod 600 ~/.kaggle/kaggle.json)\n"
+    "  3. export KAGGLE_USERNAME=<user> KAGGLE_KEY=<key>\n"
+    "Or download the archive by hand from https://www.kaggle.com/datasets/alessiocorrado99/animals10 and run "
+    "prepare_animals10('animals10.zip', 'data/animals10')."
+)
+
+
+class DatasetError(RuntimeError):
+    """A dataset is missing, malformed or cannot be fetched; the message says what to do."""
+
+
+class KaggleCredentialsError(DatasetError):
+    """No Kaggle credentials were found (or Kaggle rejected them)."""
+
+
+class DownloadError(DatasetError):
+    """A download failed (offline, unreachable or refused); nothing was left half-written."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading images: every file becomes RGB; unreadable files are found once, when the dataset is built
+# --------------------------------------------------------------------------------------------------------------
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 3-channel RGB. Transparent pixels become white, as a browser would show them."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        # Dropping alpha would expose whatever colour is stored under transparent pixels (often black).
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # 16-bit or float pixels: convert("RGB") would clip everything above 255 to white; scale them instead.
+        image = image.convert("F")
+        scale = 255 / 65535 if image.getextrema()[1] > 255 else 255 if image.getextrema()[1] <= 1 else 1
+        image = image.point(lambda value: value * scale + 0.5).convert("L")  # + 0.5: round, not truncate
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ... all have a defined conversion
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image file as RGB, upright (photos often store their rotation in EXIF)."""
+    with Image.open(path) as image:
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def check_image(path: str | Path) -> str | None:
+    """None if the file decodes completely, else why not. JPEGs are decoded at 1/8 scale: fast, yet every byte
+    is still read, so a truncated file is caught."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+        return None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def verify_images(paths: list[str], root: str | Path, cache_file: Path | None = None) -> dict[str, str]:
+    """path -> reason, for each file among `paths` (all under `root`) that cannot be decoded.
+
+    Decoding 26k photos takes a minute, so verdicts are kept in `cache_file` (JSON: path relative to root ->
+    [size, mtime, reason or null]); only new or changed files are opened again.
+    """
+    cache = _read_json(cache_file) if cache_file else {}
+    verdicts, to_check = {}, []
+    for path in paths:
+        key = os.path.relpath(path, root)
+        try:
+            stat = os.stat(path)
+        except OSError as exc:  # e.g. a dangling symbolic link
+            verdicts[key] = [0, 0, f"{type(exc).__name__}: {exc}"]
+            continue
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        cached = cache.get(key)
+        if isinstance(cached, list) and cached[:2] == stamp:
+            verdicts[key] = cached
+        else:
+            to_check.append((path, key, stamp))
+    if to_check:
+        with ThreadPoolExecutor(max_workers=min(16, _cpu_count())) as pool:  # PIL decodes without the GIL
+            errors = pool.map(check_image, [path for path, _, _ in to_check], chunksize=64)
+            bar = tqdm(errors, total=len(to_check), desc="checking images", unit="img", disable=len(to_check) < 2000)
+            for (path, key, stamp), error in zip(to_check, bar):
+                verdicts[key] = stamp + [error]
+        if cache_file:
+            _write_json_quietly(cache_file, verdicts)
+    return {path: verdicts[os.path.relpath(path, root)][2] for path in paths
+            if verdicts[os.path.relpath(path, root)][2]}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json_quietly(path: Path, data: dict) -> None:
+    """Write atomically; a read-only data folder just goes without a cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            json.dump(data, f)
+        os.chmod(f.name, 0o644)
+        os.replace(f.name, path)
+    except OSError:
+        pass
+
+
+class VerifiedImageFolder(ImageFolder):
+    """torchvision's ImageFolder that opens every file once when built and leaves out the unreadable ones.
+
+    Also: hidden folders and files (`.cache`, `.ipynb_checkpoints`, macOS `._x.jpg`) are ignored, every image
+    loads as RGB (`load_rgb`), and an empty folder or an empty class is a clear error.
+    """
+
+    def __init__(self, root: str | Path, transform=None):
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetError(f"{root} is not a folder: expected a folder of images as <folder>/<class>/<image>.")
+        self.check_cache_file = root / ".cache" / "image_check.json"
+        super().__init__(str(root), transform=transform, loader=load_rgb, allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise DatasetError(f"{directory} holds no class folders: put the images in {directory}/<class>/<image> "
+                               f"(one folder per class).")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples = super().make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty=True)
+        samples = [(path, target) for path, target in samples
+                   if not any(part.startswith(".") for part in Path(os.path.relpath(path, directory)).parts)]
+        bad = verify_images([path for path, _ in samples], directory, self.check_cache_file)
+        if bad:
+            listed = "\n".join(f"  {path} ({reason})" for path, reason in sorted(bad.items())[:20])
+            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+            warnings.warn(f"skipping {len(bad)} unreadable image file(s) in {directory}:\n{listed}{more}",
+                          stacklevel=2)
+        samples = [(path, target) for path, target in samples if path not in bad]
+        counts = Counter(target for _, target in samples)
+        empty = [name for name, index in class_to_idx.items() if counts[index] == 0]
+        if empty:
+            raise DatasetError(f"no readable images for class(es) {', '.join(empty)} in {directory}; add images "
+                               f"({', '.join(IMAGE_EXTENSIONS)}) or remove the empty folder(s).")
+        return samples
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Animals-10: download from Kaggle, prepare into dest/<english class>/<image>
+# --------------------------------------------------------------------------------------------------------------
+
+def kaggle_credentials_source() -> str | None:
+    """Where the kaggle package will find credentials, checked without importing it, in its own order; None
+    when there are none."""
+    token = os.environ.get("KAGGLE_API_TOKEN", "").strip()
+    if token:
+        return "KAGGLE_API_TOKEN"
+    for name in ("access_token", "access_token.txt"):
+        token_file = Path.home() / ".kaggle" / name
+        if token_file.is_file() and token_file.read_text().strip():
+            return str(token_file)
+    config = {}
+    kaggle_json = _kaggle_json_path()
+    if kaggle_json.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            config = json.loads(kaggle_json.read_text()) or {}
+    config.update({k.removeprefix("KAGGLE_").lower(): v for k, v in os.environ.items() if k.startswith("KAGGLE_")})
+    if config.get("username") and config.get("key"):
+        return str(kaggle_json) if kaggle_json.is_file() else "KAGGLE_USERNAME and KAGGLE_KEY"
+    if (Path.home() / ".kaggle" / "credentials.json").is_file():
+        return "~/.kaggle/credentials.json (kaggle auth login)"
+    return None
+
+
+def _kaggle_json_path() -> Path:
+    """kaggle.json where the kaggle package looks: $KAGGLE_CONFIG_DIR, ~/.kaggle, else ~/.config/kaggle."""
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return Path(os.environ["KAGGLE_CONFIG_DIR"]) / "kaggle.json"
+    legacy = Path.home() / ".kaggle"
+    if legacy.exists():
+        return legacy / "kaggle.json"
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle" / "kaggle.json"
+
+
+def _authenticated_kaggle_api():
+    """The kaggle package's API object, signed in. `import kaggle` signs in at import time and, without
+    credentials, prints a page of help and calls exit(1) (SystemExit in a script, NameError in a notebook):
+    both are caught here and turned into our clear error, and what it printed is kept out of the way."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            from kaggle.api.kaggle_api_extended import KaggleApi
+
+            api = KaggleApi()
+            api.authenticate()
+        return api
+    except ImportError as exc:
+        raise DatasetError("the kaggle package is missing: pip install kaggle (it is a dependency of "
+                           "vit_helpers; reinstall with pip install -e .).") from exc
+    except (SystemExit, NameError):
+        raise KaggleCredentialsError("Kaggle did not accept the credentials it found.\n"
+                                     + KAGGLE_CREDENTIALS_HELP) from None
+    except Exception as exc:
+        raise _download_error("signing in to Kaggle", exc) from exc
+
+
+def _download_error(action: str, exc: BaseException) -> DatasetError:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        return KaggleCredentialsError(f"{action} failed: Kaggle refused the credentials (HTTP {status}).\n"
+                                      + KAGGLE_CREDENTIALS_HELP)
+    return DownloadError(f"{action} failed ({type(exc).__name__}: {exc}). Check the internet connection (Kaggle "
+                         f"must be reachable) and try again; or download the archive by hand from "
+                         f"https://www.kaggle.com/datasets/{ANIMALS10_DATASET} and run "
+                         f"prepare_animals10(<zip>, <dest>).")
+
+
+def _download_animals10_archive(archive: Path, quiet: bool = False) -> Path:
+    """Download the Kaggle zip into a temporary folder beside `archive`; rename it to `archive` once whole."""
+    if kaggle_credentials_source() is None:
+        raise KaggleCredentialsError("no Kaggle credentials found.\n" + KAGGLE_CREDENTIALS_HELP)
+    api = _authenticated_kaggle_api()
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(archive.name + ".part")  # a folder: Kaggle names the file inside itself
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        try:
+            api.dataset_download_files(ANIMALS10_DATASET, path=str(partial), force=True, quiet=quiet, unzip=False)
+        except (Exception, SystemExit) as exc:
+            raise _download_error(f"downloading {ANIMALS10_DATASET}", exc) from exc
+        zips = sorted(partial.glob("*.zip"))
+        if len(zips) != 1 or not zipfile.is_zipfile(zips[0]):
+            raise DownloadError(f"Kaggle's download of {ANIMALS10_DATASET} did not give one whole zip archive "
+                                f"(found {[p.name for p in partial.iterdir()]}); try again.")
+        os.replace(zips[0], archive)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return archive
+
+
+def download_animals10(dest: str | Path = "data/animals10", force: bool = False, *, keep_archive: bool = False,
+                       quiet: bool = False) -> Path:
+    """Download Animals-10 from Kaggle and prepare it as dest/<english class>/<image>; return dest.
+
+    Returns at once when dest is already prepared (force=True downloads and prepares again). The archive
+    (about 600 MB) is fetched as <dest>.zip.part/ and renamed to <dest>.zip when whole, and deleted once the
+    folder is prepared, unless keep_archive=True. An archive already at <dest>.zip (e.g. downloaded by hand) is
+    used without downloading, and kept. Prints the images per class (quiet=True: only warnings and errors).
+    """
+    dest = Path(dest)
+    if is_prepared(dest) and not force:
+        counts = check_animals10(dest)
+        if not quiet:
+            print(f"Animals-10 is already prepared in {dest}:\n{format_class_counts(counts)}")
+        return dest
+    archive = dest.with_name(dest.name + ".zip")
+    downloaded = force or not archive.is_file()
+    if downloaded:
+        _download_animals10_archive(archive, quiet=quiet)
+    prepare_animals10(archive, dest, force=force, quiet=quiet)
+    if downloaded and not keep_archive:
+        archive.unlink()  # 600 MB that the prepared folder now holds
+    return dest
+
+
+def is_prepared(folder: str | Path) -> bool:
+    """True when `folder` was completely written by prepare_animals10 / prepare_cifar10 (its marker is there)."""
+    return (Path(folder) / PREPARED_MARKER).is_file()
+
+
+def _animals10_entry(name: str) -> tuple[str, str] | str | None:
+    """Where an archive member belongs: (english class, file name); a string saying why it is unsafe; or None
+    for members that are simply not images of the ten classes (translate.py, folders, stray files)."""
+    name = name.replace("\\", "/")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "absolute path"
+    parts = [part for part in PurePosixPath(name).parts if part not in ("", ".")]
+    if ".." in parts:
+        return "'..' in the path"
+    if parts[:1] == ["raw-img"]:
+        rest = parts[1:]
+    elif parts[1:2] == ["raw-img"]:  # nested one level, e.g. animals10/raw-img/...
+        rest = parts[2:]
+    else:
+        return None
+    if len(rest) != 2 or rest[0] not in ITALIAN_TO_ENGLISH:
+        return None
+    italian, filename = rest
+    if filename.startswith(".") or not filename.lower().endswith(IMAGE_EXTENSIONS):
+        return None
+    return ITALIAN_TO_ENGLISH[italian], filename
+
+
+def _extract_animals10_zip(archive: Path, staging: Path) -> list[str]:
+    """Copy the images of the ten classes out of the zip into staging/<english>/; return what was refused.
+    Output paths are built from our own class name and the member's base name, so nothing lands outside."""
+    refused = []
+    with zipfile.ZipFile(archive) as zf:
+        for info in sorted(zf.infolist(), key=lambda info: info.filename):
+            if info.is_dir():
+                continue
+            where = _animals10_entry(info.filename)
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:  # a symbolic link stored in the zip
+                where = "symbolic link"
+            if isinstance(where, str):
+                refused.append(f"{info.filename!r} ({where})")
+            elif where is not None:
+                target = staging / where[0] / where[1]
+                if target.exists():
+                    refused.append(f"{info.filename!r} (duplicate of {where[0]}/{where[1]})")
+                    continue
+                target.parent.mkdir(exist_ok=True)
+                with zf.open(info) as src, open(target, "xb") as dst:
+                    shutil.copyfileobj(src, dst)
+                stamp = time.mktime(info.date_time + (0, 0, -1))  # keep the archive's dates: reproducible output
+                os.utime(target, (stamp, stamp))
+    return refused
+
+
+def _find_raw_img(folder: Path) -> Path:
+    for candidate in (folder, folder / "raw-img", *sorted(folder.glob("*/raw-img"))):
+        if candidate.is_dir() and not candidate.is_symlink() and any(
+                (candidate / italian).is_dir() for italian in ITALIAN_TO_ENGLISH):
+            return candidate
+    raise DatasetError(f"{folder} does not look like Animals-10: expected raw-img/<italian class>/<image> "
+                       f"(cane, cavallo, ...) in it or one folder below it.")
+
+
+def _copy_animals10_folder(folder: Path, staging: Path) -> list[str]:
+    """Copy raw-img/<italian>/<image> into staging/<english>/; symbolic links are refused, never followed."""
+    refused = []
+    raw_img = _find_raw_img(folder)
+    for italian, english in sorted(ITALIAN_TO_ENGLISH.items()):
+        class_dir = raw_img / italian
+        if class_dir.is_symlink():
+            refused.append(f"{class_dir} (symbolic link)")
+            continue
+        if not class_dir.is_dir():
+            continue
+        (staging / english).mkdir()
+        for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
+            if entry.is_symlink():
+                refused.append(f"{entry.path} (symbolic link)")
+            elif (entry.is_file() and not entry.name.startswith(".")
+                  and entry.name.lower().endswith(IMAGE_EXTENSIONS)):
+                shutil.copy2(entry.path, staging / english / entry.name)  # copy2 keeps the dates
+    return refused
+
+
+def prepare_animals10(source: str | Path, dest: str | Path = "data/animals10", *, force: bool = False,
+                      quiet: bool = False) -> Path:
+    """Lay Animals-10 out as dest/<english class>/<image>, from Kaggle's zip or its extracted folder; return dest.
+
+    The folder is built in a temporary sibling and renamed into place with a completion marker, so dest is
+    either absent or complete. A prepared dest is left untouched (force=True rebuilds it). Archive members that
+    would land outside dest (absolute paths, '..') and symbolic links are refused with a warning; the archive's
+    translate.py is never run. Prints the images per class and warns if they differ from ANIMALS10_COUNTS.
+    """
+    source, dest = Path(source), Path(dest)
+    if is_prepared(dest) and not force:
+        counts = check_animals10(dest)
+    else:
+        if dest.exists() and not is_prepared(dest) and any(dest.iterdir()):
+            raise DatasetError(f"{dest} exists and was not written by prepare_animals10; move it away or choose "
+                               f"another destination (it is never overwritten).")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        try:
+            if source.is_file() and zipfile.is_zipfile(source):
+                refused = _extract_animals10_zip(source, staging)
+            elif source.is_dir():
+                refused = _copy_animals10_folder(source, staging)
+            else:
+                raise DatasetError(f"{source} is neither the Animals-10 zip nor a folder holding raw-img/; "
+                                   f"download it with download_animals10() or from Kaggle.")
+            if refused:
+                warnings.warn(f"refused {len(refused)} entr(ies) of {source}: " + "; ".join(refused[:20]),
+                              stacklevel=2)
+            counts = count_images(staging)
+            if not counts:
+                raise DatasetError(f"no images of the ten classes found in {source} (expected "
+                                   f"raw-img/<italian class>/<image>).")
+            _finish_prepared_folder(staging, dest, {"dataset": "animals10", "source": str(source),
+                                                    "counts": counts})
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        check_animals10(dest)
+    if not quiet:
+        print(f"Animals-10 in {dest}:\n{format_class_counts(counts)}")
+    return dest
+
+
+def _finish_prepared_folder(staging: Path, dest: Path, marker: dict) -> None:
+    """Write the completion marker last, then swap staging into dest (a rename: all or nothing)."""
+    (staging / PREPARED_MARKER).write_text(json.dumps(marker, indent=1))
+    staging.chmod(0o755)  # mkdtemp makes it private
+    if dest.exists():
+        retired = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        dest.rename(retired)
+        staging.rename(dest)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(dest)
+
+
+def count_images(folder: str | Path) -> dict[str, int]:
+    """class folder -> number of image files in it (hidden folders and files are not counted)."""
+    folder = Path(folder)
+    return {d.name: sum(1 for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+            for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+
+
+def check_animals10(folder: str | Path) -> dict[str, int]:
+    """Images per class in a prepared Animals-10 folder; warns if they differ from Kaggle's (ANIMALS10_COUNTS)."""
+    counts = count_images(folder)
+    differences = {name: (counts.get(name, 0), expected) for name, expected in ANIMALS10_COUNTS.items()
+                   if counts.get(name, 0) != expected}
+    if differences:
+        listed = ", ".join(f"{name} {found} (expected {expected})" for name, (found, expected) in differences.items())
+        warnings.warn(f"{folder} differs from the Kaggle Animals-10 archive: {listed}. "
+                      f"Rebuild it with download_animals10(force=True) if that is not intended.", stacklevel=2)
+    return counts
+
+
+def format_class_counts(counts: dict[str, int]) -> str:
+    """A small table, largest class first, with the total."""
+    width = max(map(len, counts), default=5)
+    rows = [f"  {name:<{width}} {count:>7,}" for name, count in sorted(counts.items(), key=lambda kv: -kv[1])]
+    return "\n".join(rows + [f"  {'total':<{width}} {sum(counts.values()):>7,}"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CIFAR-10: torchvision's download, written out once as an ImageFolder tree of PNGs
+# --------------------------------------------------------------------------------------------------------------
+
+def prepare_cifar10(dest: str | Path = DATA_ROOT / "cifar10", *, quiet: bool = False) -> Path:
+    """Download CIFAR-10 with torchvision into dest and write dest/images/{train,test}/<class>/<index>.png
+    (lossless); return dest/images. Offline, a clear error says where to put the archive by hand."""
+    from torchvision.datasets import CIFAR10
+
+    dest = Path(dest)
+    images = dest / "images"
+    if is_prepared(images):
+        return images
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            splits = {split: CIFAR10(root=str(dest), train=split == "train", download=True)
+                      for split in ("train", "test")}
+    except Exception as exc:
+        raise DownloadError(f"could not get CIFAR-10 ({type(exc).__name__}: {exc}). Offline? Copy "
+                            f"cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
+                            f"into {dest} and try again, or pass a folder of images instead.") from exc
+    staging = Path(tempfile.mkdtemp(prefix=".images.", suffix=".tmp", dir=dest))
+    try:
+        for split, dataset in splits.items():
+            for name in dataset.classes:
+                (staging / split / name).mkdir(parents=True)
+            for index, (pixels, target) in enumerate(tqdm(zip(dataset.data, dataset.targets), total=len(dataset),
+                                                          desc=f"CIFAR-10 {split}", disable=quiet)):
+                Image.fromarray(pixels).save(staging / split / dataset.classes[target] / f"{index:05d}.png")
+        _finish_prepared_folder(staging, images, {"dataset": "cifar10",
+                                                  "counts": {s: len(d) for s, d in splits.items()}})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return images
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Names -> folders
+# --------------------------------------------------------------------------------------------------------------
+
+def resolve_dataset(name_or_path: str | Path) -> Path:
+    """The ImageFolder root for a dataset name ("sample", "animals10", "cifar10") or a folder path.
+
+    A known name always means the dataset (a folder literally called "sample" can be given as "./sample").
+    "animals10" is downloaded into data/animals10 when missing and Kaggle credentials exist; "cifar10" is
+    downloaded with torchvision into data/cifar10.
+    """
+    name = name_or_path.strip().lower() if isinstance(name_or_path, str) else None
+    if name == "sample":
+        sample = DATA_ROOT / "sample"
+        if not (sample / "train").is_dir() or not (sample / "test").is_dir():
+            raise DatasetError(f"the shipped sample is not at {sample}. It comes with the repository: install "
+                               f"vit_helpers from a clone with pip install -e . (a wheel does not carry data/), or "
+                               f"rebuild it with python data/make_sample.py, or pass the folder's path.")
+        return sample
+    if name == "animals10":
+        dest = DATA_ROOT / "animals10"
+        if is_prepared(dest):
+            return dest
+        if dest.with_name("animals10.zip").is_file() or kaggle_credentials_source() is not None:
+            return download_animals10(dest)
+        raise KaggleCredentialsError(f"Animals-10 is not in {dest} and no Kaggle credentials were found.\n"
+                                     + KAGGLE_CREDENTIALS_HELP)
+    if name == "cifar10":
+        return prepare_cifar10(DATA_ROOT / "cifar10")
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise DatasetError(f"{path} is not a folder. Pass a folder of images (<folder>/<class>/<image>, or with "
+                           f"train/ and test/ inside) or one of the names {', '.join(DATASET_NAMES)}.")
+    return path
+
+
+def download_dataset(name: str, dest: str | Path | None = None, force: bool = False) -> Path:
+    """Fetch and prepare a named dataset (what `python -m vit_helpers download <name>` runs); return its folder."""
+    name = name.strip().lower()
+    if name == "animals10":
+        return download_animals10(dest or DATA_ROOT / "animals10", force=force)
+    if name == "cifar10":
+        dest = Path(dest or DATA_ROOT / "cifar10")
+        if force and (dest / "images").exists():
+            shutil.rmtree(dest / "images")
+        return prepare_cifar10(dest)
+    if name == "sample":
+        return resolve_dataset("sample")  # shipped with the repository: nothing to download
+    raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------------------------------------------
+
+def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE_MEAN, std=NORMALIZE_STD):
+    """(train transform, test transform) for PIL images -> normalised float tensors (3, image_size, image_size).
+
+    Test: resize the short side, centre crop, normalise (deterministic). Train: random resized crop and
+    horizontal flip; augment="strong" adds RandAugment (2 ops, magnitude 9, as in AugReg and DeiT);
+    augment=False gives train the test transform.
+    """
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    test = v2.Compose([*resize_and_crop(image_size).transforms, *to_tensor])
+    policy = _augment_policy(augment)
+    if policy == "none":
+        return test, test
+    train = [v2.RandomResizedCrop(image_size, scale=RANDOM_CROP_SCALE, antialias=True), v2.RandomHorizontalFlip()]
+    if policy == "strong":
+        train.append(v2.RandAugment(num_ops=2, magnitude=9))
+    return v2.Compose([*train, *to_tensor]), test
+
+
+def resize_and_crop(image_size: int) -> v2.Compose:
+    """The resize and centre crop of the test transform (the cached GPU path stores exactly this)."""
+    return v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+
+
+def _augment_policy(augment: bool | str | None) -> str:
+    if augment is None or augment is False or augment == "none":
+        return "none"
+    if augment is True or augment == "basic":
+        return "basic"
+    if augment == "strong":
+        return "strong"
+    raise ValueError(f"augment must be True, False, 'basic' or 'strong', got {augment!r}.")
+
+
+def denormalize(images: torch.Tensor, mean=NORMALIZE_MEAN, std=NORMALIZE_STD) -> torch.Tensor:
+    """Undo the normalisation for display: (..., 3, H, W) -> values in [0, 1]. For matplotlib, permute(1, 2, 0)."""
+    mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    std = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Splits and loaders
+# --------------------------------------------------------------------------------------------------------------
+
+def stratified_split(targets, test_fraction: float = 0.15, seed: int = 42) -> tuple[list[int], list[int]]:
+    """(train indices, test indices): test_fraction of every class, chosen by a seeded shuffle.
+
+    numpy's RandomState is frozen by design (its streams never change across versions or machines), and the
+    indices come from a sorted file list, so a seed always gives the same split.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}.")
+    targets = np.asarray(targets)
+    rng = np.random.RandomState(seed)
+    train, test = [], []
+    for label in np.unique(targets):
+        members = rng.permutation(np.flatnonzero(targets == label))
+        num_test = min(len(members) - 1, max(1, round(len(members) * test_fraction))) if len(members) > 1 else 0
+        test.extend(members[:num_test].tolist())
+        train.extend(members[num_test:].tolist())
+    return sorted(train), sorted(test)
+
+
+class TransformedSubset(Dataset):
+    """Part of an image folder, with its own transform (train and test share files but not transforms)."""
+
+    def __init__(self, folder: VerifiedImageFolder, indices: list[int], transform=None):
+        self.folder, self.indices, self.transform = folder, list(indices), transform
+        self.classes = folder.classes
+        self.class_to_idx = folder.class_to_idx
+        self.samples = [folder.samples[i] for i in self.indices]
+        self.targets = [target for _, target in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        image = load_rgb(path)
+        return (self.transform(image) if self.transform else image), target
+
+
+def load_image_datasets(data_dir, test_fraction: float = 0.15, seed: int = 42, train_transform=None,
+                        test_transform=None) -> tuple[Dataset, Dataset, list[str]]:
+    """(train set, test set, class names) from a dataset name or folder; both sets have .targets and .classes.
+
+    A folder with train/ and test/ inside is split that way; any other folder is split by `stratified_split`.
+    """
+    root = resolve_dataset(data_dir)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train = VerifiedImageFolder(root / "train", transform=train_transform)
+        test = VerifiedImageFolder(root / "test", transform=test_transform)
+        if train.classes != test.classes:
+            raise DatasetError(f"{root}/train and {root}/test have different class folders "
+                               f"({train.classes} vs {test.classes}); give both the same classes.")
+        return train, test, train.classes
+    folder = VerifiedImageFolder(root)
+    train_indices, test_indices = stratified_split(folder.targets, test_fraction, seed)
+    return (TransformedSubset(folder, train_indices, train_transform),
+            TransformedSubset(folder, test_indices, test_transform), folder.classes)
+
+
+def distributed_world() -> tuple[int, int]:
+    """(world size, rank): the real ones under torch.distributed, else (1, 0)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def default_num_workers(num_images: int) -> int:
+    """Worker processes for decoding: none for tiny sets (starting workers costs more than it saves), else one
+    per spare core, at most 8."""
+    return 0 if num_images <= 5000 else min(8, max(0, _cpu_count() - 1))
+
+
+def make_dataloaders(data_dir, image_size: int = 224, batch_size: int = 32, test_fraction: float = 0.15,
+                     seed: int = 42, num_workers: int | None = None, augment: bool | str = True, *,
+                     mean=NORMALIZE_MEAN, std=NORMALIZE_STD) -> tuple[DataLoader, DataLoader, list[str]]:
+    """(train loader, test loader, class names) for a dataset name ("sample", "animals10", "cifar10") or folder.
+
+    Train: a DistributedSampler (world size 1 outside torch.distributed) shuffling with `seed`; call
+    `train_loader.sampler.set_epoch(epoch)` each epoch and the order is a function of (seed, epoch), which makes
+    resumed and multi-GPU training exact. Full batches only (drop_last). Test: every image, in order, unaugmented.
+    Batches are (images float32 (B, 3, S, S) normalised with mean/std, labels int64 (B,)).
+    """
+    train_transform, test_transform = build_transforms(image_size, augment, mean, std)
+    train_set, test_set, classes = load_image_datasets(data_dir, test_fraction, seed, train_transform,
+                                                       test_transform)
+    world_size, rank = distributed_world()
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    if len(sampler) < batch_size:
+        raise ValueError(f"the training set has {len(sampler)} images per process, fewer than batch_size "
+                         f"{batch_size}: lower batch_size.")
+    workers = default_num_workers(len(train_set)) if num_workers is None else num_workers
+    common = dict(batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=workers > 0)
+    train_loader = DataLoader(train_set, sampler=sampler, drop_last=True,
+                              generator=torch.Generator().manual_seed(seed), **common)
+    test_loader = DataLoader(test_set, shuffle=False, **common)
+    return train_loader, test_loader, classes
