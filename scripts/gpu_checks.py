@@ -1,0 +1,301 @@
+"""Every GPU check of the project in one run, with a short table at the end.
+
+    python scripts/gpu_checks.py                                   # everything, on an H100 / H200
+    python scripts/gpu_checks.py --checks matmul,models,data       # a few minutes
+    python scripts/gpu_checks.py --checks cifar --cifar-minutes 10
+    python scripts/gpu_checks.py --smoke                           # tiny sizes, on the CPU too: tests the script
+
+Checks (`--checks`, comma-separated; all by default):
+  matmul  the matrix-multiply ceiling: bf16 8192^3 on CUDA (float32 1024^3 on the CPU)
+  models  ViT-B/16 training and inference images/s at batch 256 under bf16 autocast, ours vs timm vs
+          torchvision, eager and compiled, with TFLOP/s and MFU against the ceiling
+  data    the data fast path: end-to-end training images/s at 224 px from a folder of JPEGs through
+          `make_cached_loaders` (decoded once, augmented on the GPU), against synthetic input. Target: >= 90%.
+  cifar   the `cifar10` recipe under a time budget: test accuracy and wall time. Target: >= 90% in 10 minutes.
+
+The JPEGs come from the CIFAR-10 archive (`--cifar-archive`, default ../shared/data/cifar10-jpeg.tar.gz) unpacked
+into the git-ignored folder .bench_data/. Nothing is downloaded. Needs torch, torchvision (and timm to compare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tarfile
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # use this checkout's vit_helpers even where it is not pip-installed
+
+from vit_helpers import bench, training  # noqa: E402
+from vit_helpers.model import ViT, ViTConfig  # noqa: E402
+from vit_helpers.recipes import get_recipe  # noqa: E402
+
+CHECKS = ("matmul", "models", "data", "cifar")
+BENCH_DATA = REPO / ".bench_data"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated: {', '.join(CHECKS)}")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the script runs, anywhere")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default="ViT-B/16", help="for the models and data checks")
+    parser.add_argument("--image-size", type=int, help="for the models check (default: the model's, 224)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--implementations", default="ours,timm,torchvision")
+    parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile measurements")
+    parser.add_argument("--cifar-archive", type=Path, default=REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
+    parser.add_argument("--data-images-per-class", type=int, default=1000,
+                        help="training JPEGs per class for the data check (10 classes)")
+    parser.add_argument("--cifar-minutes", type=float, default=10.0, help="time budget of the cifar check")
+    parser.add_argument("--cifar-epochs", type=int, help="override the recipe's epochs")
+    parser.add_argument("--json", type=Path, help="also save every result here")
+    args = parser.parse_args(argv)
+    args.checks = [name.strip() for name in args.checks.split(",") if name.strip()]
+    unknown = set(args.checks) - set(CHECKS)
+    if unknown:
+        parser.error(f"unknown check(s) {', '.join(sorted(unknown))}: choose from {', '.join(CHECKS)}")
+    if args.smoke:  # tiny everything, so that a CPU gets through it in a minute or two
+        args.model, args.batch_size, args.steps, args.data_images_per_class = "ViT-Ti/16", 4, 2, 8
+        args.image_size = 32
+        args.cifar_epochs = args.cifar_epochs or 1
+    return args
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The JPEG folders, unpacked from the archive
+# --------------------------------------------------------------------------------------------------------------
+
+def unpack_cifar_jpegs(archive: Path, dest: Path, train_per_class: int | None = None,
+                       test_per_class: int | None = None) -> Path:
+    """dest/{train,test}/<class>/<name>.jpg from the archive, keeping at most *_per_class images per class.
+
+    Paths are rebuilt from the last three parts of each member name (split/class/file), never taken whole, so a
+    malformed archive cannot write outside dest. Unpacked into a staging folder, renamed when complete.
+    """
+    if (dest / "train").is_dir() and (dest / "test").is_dir():
+        return dest
+    if not archive.is_file():
+        raise FileNotFoundError(f"no CIFAR-10 JPEG archive at {archive}: pass --cifar-archive PATH.")
+    limits = {"train": train_per_class, "test": test_per_class}
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 3 or parts[-3] not in limits:
+                continue
+            split, label, name = parts[-3:]
+            if name.startswith(".") or label.startswith("."):
+                continue
+            if limits[split] is not None and counts.get((split, label), 0) >= limits[split]:
+                continue
+            counts[split, label] = counts.get((split, label), 0) + 1
+            target = staging / split / label / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+    staging.rename(dest)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The checks; each returns rows for the summary table: (check, measurement, value, target, verdict)
+# --------------------------------------------------------------------------------------------------------------
+
+def check_matmul(args, device, results) -> list[tuple]:
+    ceiling = bench.measure_matmul_ceiling(device)
+    results["matmul_ceiling_tflops"] = ceiling / 1e12
+    kind = "bf16 8192^3" if device.type == "cuda" else "fp32 1024^3"
+    return [("matmul", f"ceiling ({kind})", f"{ceiling / 1e12:.1f} TFLOP/s", "", "")]
+
+
+def check_models(args, device, results) -> list[tuple]:
+    compare = bench.parse_names(args.implementations)
+    rows, measured = [], []
+    compiled_options = [False] if args.no_compiled or (args.smoke and device.type == "cpu") else [False, True]
+    for compiled in compiled_options:
+        found, context = bench.run_bench(args.model, args.batch_size, image_size=args.image_size,
+                                         compare=compare, steps=args.steps,
+                                         warmup_steps=2 if args.smoke else 5, device=str(device), compile=compiled)
+        print(bench.format_table(found, context), flush=True)
+        measured += [asdict(result) for result in found]
+        for r in found:
+            value = (f"{r.images_per_second:,.0f} img/s, MFU {100 * r.mfu:.0f}%" if r.images_per_second
+                     else r.note)
+            rows.append(("models", f"{args.model} {r.mode} {r.implementation} {'compiled' if compiled else 'eager'}",
+                         value, "", ""))
+    results["models"] = {"batch_size": args.batch_size, "context": context, "results": measured}
+    if len(compiled_options) == 1:
+        rows.append(("models", "compiled variants", "skipped", "", "--smoke on CPU or --no-compiled"))
+    return rows
+
+
+class SyntheticBatches:
+    """`steps` batches of one fixed random batch, already on the device: input that never waits."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, steps: int):
+        self.batch, self.steps = (images, labels), steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        return (self.batch for _ in range(self.steps))
+
+
+class FirstBatches:
+    """The first `steps` batches of a loader."""
+
+    def __init__(self, loader, steps: int):
+        self.loader, self.steps = loader, min(steps, len(loader))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for index, batch in enumerate(self.loader):
+            if index == self.steps:
+                return
+            yield batch
+
+
+def training_images_per_second(model, loader, device, config, warmup_steps: int, steps: int) -> float:
+    """Images/s of the training engine's own loop (`train_one_epoch`) over `steps` batches, after a warm-up."""
+    optimizer = training.build_optimizer(model, config, device)
+    scheduler = training.build_scheduler(optimizer, 0, 10 ** 6)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    training.train_one_epoch(model, FirstBatches(loader, warmup_steps), optimizer, scheduler, loss_fn, device,
+                             config, progress=False)
+    tally = training.train_one_epoch(model, FirstBatches(loader, steps), optimizer, scheduler, loss_fn, device,
+                                     config, progress=False)
+    return tally.count / tally.seconds
+
+
+def check_data(args, device, results) -> list[tuple]:
+    from vit_helpers.gpu_data import make_cached_loaders
+
+    image_size = 32 if args.smoke else 224
+    per_class = args.data_images_per_class
+    folder = unpack_cifar_jpegs(args.cifar_archive, BENCH_DATA / f"cifar10-jpeg-{per_class}-per-class",
+                                train_per_class=per_class, test_per_class=max(1, per_class // 10))
+    started = time.perf_counter()
+    train_loader, _, classes = make_cached_loaders(folder, image_size=image_size, batch_size=args.batch_size,
+                                                   device=device, augment=True)
+    cache_seconds = time.perf_counter() - started
+    config = training.TrainConfig(device=str(device), log_every=50)
+    model = ViT(ViTConfig.named(args.model, image_size=image_size, num_classes=len(classes))).to(device)
+    compiled = device.type == "cuda" and not args.no_compiled
+    train_model = torch.compile(model) if compiled else model
+    steps = min(args.steps * 2, len(train_loader) - 1)
+    warmup = 1 if args.smoke else 5
+    images = torch.randn(args.batch_size, 3, image_size, image_size, device=device)
+    labels = torch.randint(0, len(classes), (args.batch_size,), device=device)
+    synthetic = training_images_per_second(train_model, SyntheticBatches(images, labels, steps), device, config,
+                                           warmup, steps)
+    train_loader.set_epoch(0)
+    cached = training_images_per_second(train_model, train_loader, device, config, warmup, steps)
+    ratio = cached / synthetic
+    results["data"] = {"image_size": image_size, "model": args.model, "compiled": compiled,
+                       "synthetic_images_per_second": synthetic, "cached_loader_images_per_second": cached,
+                       "ratio": ratio, "cache_build_seconds": cache_seconds, "train_images": len(train_loader.dataset)}
+    where = f"{args.model} {image_size}px {'compiled' if compiled else 'eager'}"
+    return [("data", f"synthetic input, {where}", f"{synthetic:,.0f} img/s", "", ""),
+            ("data", "JPEG folder via make_cached_loaders", f"{cached:,.0f} img/s", "", ""),
+            ("data", "cached / synthetic", f"{100 * ratio:.0f}%", ">= 90%", "PASS" if ratio >= 0.9 else "FAIL"),
+            ("data", "decode + cache build", f"{cache_seconds:.0f} s", "", "")]
+
+
+def check_cifar(args, device, results) -> list[tuple]:
+    from vit_helpers.gpu_data import make_cached_loaders
+
+    recipe = get_recipe("cifar10", device.type)
+    per_class = 8 if args.smoke else None
+    name = "cifar10-jpeg-smoke" if args.smoke else "cifar10-jpeg"
+    folder = unpack_cifar_jpegs(args.cifar_archive, BENCH_DATA / name, train_per_class=per_class,
+                                test_per_class=per_class)
+    batch_size = 16 if args.smoke else recipe.batch_size
+    epochs = args.cifar_epochs or recipe.epochs
+    started = time.perf_counter()
+    train_loader, test_loader, classes = make_cached_loaders(folder, image_size=recipe.image_size,
+                                                             batch_size=batch_size, device=device,
+                                                             augment=recipe.augment)
+    torch.manual_seed(0)
+    model = ViT(ViTConfig.named(recipe.model, image_size=recipe.image_size, num_classes=len(classes),
+                                **recipe.model_overrides))
+    config = training.TrainConfig(epochs=epochs, batch_size=batch_size, lr=recipe.lr,
+                                  weight_decay=recipe.weight_decay, warmup_epochs=recipe.warmup_epochs,
+                                  label_smoothing=recipe.label_smoothing, device=str(device))
+    budget = args.cifar_minutes * 60
+    # Stop at the end of the first epoch past the budget, less the time already spent on the data. No
+    # checkpoints: this measures the recipe, not the disk.
+    history = training.fit(model, train_loader, test_loader, config=config, progress=not args.smoke,
+                           time_limit_s=budget - (time.perf_counter() - started))
+    wall = time.perf_counter() - started
+    accuracy = history[-1]["test_accuracy"]
+    finished = len(history) == epochs
+    results["cifar"] = {"recipe": asdict(recipe), "epochs_planned": epochs, "epochs_done": len(history),
+                        "wall_seconds": wall, "test_accuracy": accuracy, "history": history}
+    verdict = "PASS" if accuracy >= 0.9 and wall <= budget and finished else "FAIL"
+    seconds_per_epoch = statistics.median([r["seconds"] for r in history[1:]] or [history[0]["seconds"]])
+    return [("cifar", f"recipe cifar10, {len(history)}/{epochs} epochs{'' if finished else ' (budget hit)'}",
+             f"test accuracy {accuracy:.4f}", ">= 0.90", verdict),
+            ("cifar", "wall time (decode, compile, train, evaluate)", f"{wall / 60:.1f} min",
+             f"<= {args.cifar_minutes:g} min", "PASS" if wall <= budget else "FAIL"),
+            ("cifar", "seconds per epoch (median after the first)", f"{seconds_per_epoch:.1f} s", "", "")]
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = training.resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"gpu_checks on {device} ({name}), torch {torch.__version__}, checks: {', '.join(args.checks)}"
+          + (" [smoke]" if args.smoke else ""), flush=True)
+    results: dict = {"device": name, "torch": torch.__version__, "smoke": args.smoke}
+    rows, failed = [], False
+    for check in args.checks:
+        started = time.perf_counter()
+        print(f"\n=== {check} ===", flush=True)
+        try:
+            found = globals()[f"check_{check}"](args, device, results)
+        except Exception as error:  # report and go on to the next check
+            traceback.print_exc()
+            found, failed = [(check, "error", f"{type(error).__name__}: {error}"[:120], "", "FAIL")], True
+        rows += found
+        rows.append((check, "check wall time", f"{time.perf_counter() - started:.0f} s", "", ""))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.smoke:  # tiny sizes: the numbers only show that every check runs
+        rows = [row[:4] + ("(smoke)" if row[4] in ("PASS", "FAIL") and row[1] != "error" else row[4],)
+                for row in rows]
+    print_table(rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results | {"summary": rows}, indent=2, default=str))
+        print(f"saved {args.json}")
+    return 1 if failed else 0
+
+
+def print_table(rows: list[tuple]) -> None:
+    widths = [max(len(str(row[i])) for row in rows + [("check", "measurement", "value", "target", "verdict")])
+              for i in range(5)]
+    print("\n" + "  ".join(h.ljust(w) for h, w in zip(("check", "measurement", "value", "target", "verdict"), widths)))
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""`python -m vit_helpers bench`: the table and its columns, the compared models are the same size, no timing."""
+
+import json
+
+import pytest
+import torch
+
+from vit_helpers import bench
+from vit_helpers.cli import main
+from vit_helpers.model import ViTConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These models are tiny: one thread runs them fastest, and does not stall when another process holds the
+    other core (each op of a two-thread pool would wait for a thread that is not scheduled)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = ["--model", "ViT-Ti/16", "--image-size", "32", "--num-classes", "10", "--batch-size", "2", "--steps", "1",
+        "--warmup-steps", "0", "--device", "cpu"]
+
+
+def test_bench_prints_a_table_for_ours_timm_and_torchvision(tmp_path, capsys):
+    pytest.importorskip("timm")
+    path = tmp_path / "bench.json"
+    assert main(["bench", *TINY, "--compare", "timm,torchvision", "--json", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("implementation"))
+    assert header.split() == ["implementation", "mode", "compiled", "batch", "img/s", "ms/step", "TFLOP/s", "MFU"]
+    assert any(line.startswith("matmul ceiling:") for line in lines)
+    rows = [line.split() for line in lines[lines.index(header) + 1:] if not line.startswith("saved")]
+    assert [(row[0], row[1]) for row in rows] == [(name, mode) for name in ("ours", "timm", "torchvision")
+                                                  for mode in ("train", "inference")]
+    assert all(float(row[4]) > 0 and row[7].endswith("%") for row in rows)
+
+    saved = json.loads(path.read_text())
+    config = ViTConfig.named("ViT-Ti/16", image_size=32, num_classes=10)
+    for result in saved["results"]:  # the FLOP/s follow from img/s and the analytic FLOPs
+        flops = config.training_flops() if result["mode"] == "train" else config.forward_flops()
+        assert result["tflops"] * 1e12 == pytest.approx(result["images_per_second"] * flops)
+        assert result["mfu"] == pytest.approx(result["tflops"] * 1e12 / saved["ceiling_flops"])
+
+
+def test_compared_models_have_exactly_our_parameter_count():
+    pytest.importorskip("timm")
+    config = ViTConfig.named("ViT-S/16", image_size=64, num_classes=7)
+    counts = {name: sum(p.numel() for p in bench.build_model(name, config).parameters())
+              for name in bench.IMPLEMENTATIONS}
+    assert counts["timm"] == counts["ours"] == counts["torchvision"]
+
+
+def test_unknown_implementation_gives_one_line_and_exit_code_2(capsys):
+    assert main(["bench", *TINY, "--compare", "timm,flax"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "unknown implementation(s) flax" in error[0]

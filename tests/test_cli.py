@@ -1,0 +1,172 @@
+"""`python -m vit_helpers train | download`: the files a run writes, resuming, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vit_helpers.cli import main
+from vit_helpers.training import load_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These models are tiny: one thread runs them fastest, and does not stall when another process holds the
+    other core (each op of a two-thread pool would wait for a thread that is not scheduled)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"blue": (30, 40, 220), "red": (220, 40, 30), "green": (40, 200, 40)}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """train/ and test/ ImageFolders of 16x16 PNGs, three classes told apart by colour."""
+    root = tmp_path_factory.mktemp("tiny_images")
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 16), ("test", 5)):
+        for name, colour in COLOURS.items():
+            (root / split / name).mkdir(parents=True)
+            for index in range(count):
+                noise = torch.randint(-30, 30, (16, 16, 3), generator=generator)
+                pixels = (torch.tensor(colour) + noise).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / name / f"{index}.png")
+    return root
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """A small, fast run: the demo recipe's small ViT on 16x16 images with 8x8 patches."""
+    return ["train", "--data", str(data), "--recipe", "demo", "--image-size", "16", "--patch-size", "8",
+            "--batch-size", "8", "--epochs", "2", "--out", str(out), *extra]
+
+
+def test_train_writes_metrics_checkpoint_and_plots(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert metrics["world_size"] == 1 and metrics["images_per_second"] > 0
+    assert [record["epoch"] for record in metrics["history"]] == [1, 2]
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        assert all(key in record for record in metrics["history"])
+    assert metrics["model_config"]["patch_size"] == 8 and metrics["model_config"]["num_classes"] == 3
+    assert metrics["train_config"]["epochs"] == 2 and metrics["train_config"]["batch_size"] == 8
+    matrix = torch.tensor(metrics["confusion_matrix"])
+    assert matrix.sum() == 15 and matrix.trace() / 15 == pytest.approx(metrics["test_accuracy"])
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert {"model", "optimizer", "scheduler", "epoch", "config", "class_names"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 2 and checkpoint["class_names"] == sorted(COLOURS)
+    for name in ("loss_curves.png", "confusion_matrix.png", "predictions.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+    printed = capsys.readouterr().out
+    assert str(out / "metrics.json") in printed and str(out / "loss_curves.png") in printed
+
+
+def test_train_with_plain_loaders_and_no_recipe(tiny_folder, tmp_path):
+    out = tmp_path / "plain"
+    args = ["train", "--data", str(tiny_folder), "--model", "ViT-Ti/16", "--image-size", "16", "--epochs", "1",
+            "--batch-size", "16", "--augment", "basic", "--no-cached", "--num-workers", "0", "--out", str(out)]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["cached"] is False and metrics["model_config"]["embed_dim"] == 192
+    assert len(metrics["history"]) == 1
+
+
+def test_resume_continues_the_run(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--stop-after-epoch", "1")) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    assert len(json.loads((out / "metrics.json").read_text())["history"]) == 1
+    assert main(["train", "--out", str(out), "--resume"]) == 0  # settings, data included, come from the run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [record["epoch"] for record in metrics["history"]] == [1, 2]
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+
+
+def one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "ViT-X/16"], "unknown model 'ViT-X/16'"),
+    (["--image-size", "30"], "image_size 30 is not a multiple of patch_size 8"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    (["--recipe", "nope"], "unknown recipe 'nope'"),
+])
+def test_bad_arguments_give_one_line_and_exit_code_2(tiny_folder, tmp_path, capsys, extra, message):
+    assert main(train_args(tiny_folder, tmp_path / "run", *extra)) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_folder_gives_one_line_and_exit_code_2(tmp_path, capsys):
+    assert main(train_args(tmp_path / "no_such_folder", tmp_path / "run")) == 2
+    assert "no_such_folder is not a folder" in one_error_line(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_cuda_without_a_gpu_gives_one_line(tiny_folder, tmp_path, capsys):
+    assert main(train_args(tiny_folder, tmp_path / "run", "--device", "cuda")) == 2
+    assert "no CUDA GPU" in one_error_line(capsys)
+
+
+def test_resume_refuses_to_change_the_run_and_needs_a_checkpoint(tiny_folder, tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "no checkpoint at" in one_error_line(capsys)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--stop-after-epoch", "1")) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--lr", "0.5"]) == 2
+    assert "--lr cannot change" in one_error_line(capsys)
+
+
+def test_download_animals10_without_credentials_gives_one_clear_line(tmp_path, monkeypatch, capsys):
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_CONFIG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kaggle here
+    assert main(["download", "animals10", "--dest", str(tmp_path / "animals10")]) == 1
+    line = one_error_line(capsys)
+    assert "Kaggle" in line and "KAGGLE_USERNAME" in line and "kaggle.json" in line
+    assert not (tmp_path / "animals10").exists()
+
+
+def test_download_sample_prints_its_counts_in_one_line(capsys):
+    assert main(["download", "sample"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "5,000 images (train 4,000, test 1,000)" in lines[0]
+
+
+def test_torchrun_with_two_processes_writes_one_set_of_results(tiny_folder, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "vit_helpers",
+               *train_args(tiny_folder, out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(metrics["history"]) == 2
+    assert torch.tensor(metrics["confusion_matrix"]).sum() == 15  # every test image once, from both ranks
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "confusion_matrix.png", "loss_curves.png",
+                                                     "metrics.json", "predictions.png"]
+    assert result.stdout.count("test accuracy") == 1  # printed by rank 0 only
+
+
+def test_python_dash_m_entry_point_reports_bad_model_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "vit_helpers", "train", "--data", "sample", "--model",
+                             "ViT-Q/16", "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "unknown model 'ViT-Q/16'" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,350 @@
+"""The training engine: it learns, its optimiser and schedule are the intended ones, it counts accuracy over
+samples, it resumes exactly, it stops cleanly on NaN and Ctrl-C, and it trains under DDP with two processes."""
+
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+
+from vit_helpers import training
+from vit_helpers.model import ViT, ViTConfig
+from vit_helpers.training import (
+    NonFiniteLossError,
+    TrainConfig,
+    build_scheduler,
+    cleanup_distributed,
+    confusion_matrix,
+    evaluate,
+    fit,
+    init_distributed,
+    load_checkpoint,
+    parameter_groups,
+    save_checkpoint,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These models are tiny: one thread runs them fastest, and does not stall when another process holds the
+    other core (each op of a two-thread pool would wait for a thread that is not scheduled)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+NUM_CLASSES = 4
+
+
+def coloured_images(num_samples: int, seed: int = 0) -> TensorDataset:
+    """Noisy 8x8 images whose class is their colour (red, green, blue or dark): separable in every patch."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, NUM_CLASSES, (num_samples,), generator=generator)
+    colours = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [-1.0, -1.0, -1.0]])
+    images = 0.5 * torch.randn(num_samples, 3, 8, 8, generator=generator) + colours[labels][:, :, None, None]
+    return TensorDataset(images, labels)
+
+
+class WithRandomNoise(Dataset):
+    """An augmentation drawn from the global torch RNG, as torchvision's transforms do: resume must reseed it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        noise = 0.05 * torch.randn(image.shape)
+        return image + noise, label
+
+
+def tiny_vit(dropout: float = 0.0, seed: int = 0) -> ViT:
+    torch.manual_seed(seed)
+    return ViT(ViTConfig(image_size=8, patch_size=4, num_classes=NUM_CLASSES, embed_dim=32, num_layers=1,
+                         num_heads=2, mlp_dim=64, dropout=dropout))
+
+
+def loaders(train_size=128, batch_size=16, augment=False):
+    train = coloured_images(train_size)
+    train = WithRandomNoise(train) if augment else train
+    return (DataLoader(train, batch_size=batch_size, shuffle=True, num_workers=0),
+            DataLoader(coloured_images(60, seed=1), batch_size=32))
+
+
+CONFIG = TrainConfig(lr=3e-3, warmup_epochs=0.5, device="cpu", log_every=4)
+
+
+def test_fit_learns_a_separable_task():
+    train_loader, test_loader = loaders(train_size=256)
+    history = fit(tiny_vit(), train_loader, test_loader, 4, config=CONFIG, progress=False)
+    assert len(history) == 4
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
+    assert history[-1]["test_accuracy"] >= 0.9  # chance is 0.25
+    assert set(history[0]) >= {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr",
+                               "images_per_second", "seconds"}
+
+
+def test_no_weight_decay_on_norms_biases_class_token_and_position_embeddings():
+    model = ViT(ViTConfig(image_size=16, patch_size=8, num_classes=3, embed_dim=16, num_layers=2, num_heads=2,
+                          mlp_dim=32))
+    decay, no_decay = parameter_groups(model, weight_decay=0.05)
+    expected_no_decay = {"cls_token", "pos_embed"}
+    expected_decay = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, nn.LayerNorm):
+            expected_no_decay |= {prefix + "weight", prefix + "bias"}
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            expected_decay.add(prefix + "weight")
+            expected_no_decay.add(prefix + "bias")
+    assert set(decay["names"]) == expected_decay and decay["weight_decay"] == 0.05
+    assert set(no_decay["names"]) == expected_no_decay and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = build_scheduler(optimizer, warmup_steps=5, total_steps=20)
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    rates.append(optimizer.param_groups[0]["lr"])  # after the last step
+    assert rates[:6] == pytest.approx([0.1 * (step + 1) / 6 for step in range(6)])  # linear up to the peak
+    assert rates[5] == pytest.approx(0.1)
+    assert all(later < earlier for earlier, later in zip(rates[5:], rates[6:]))  # then strictly down
+    assert rates[12] == pytest.approx(0.05, rel=0.2)  # about halfway down halfway through the decay
+    assert rates[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+class FixedPredictions(nn.Module):
+    """Predicts class 0 for the first 8 samples and class 1 for the last 2, whatever the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, sample_index):
+        predicted = (sample_index[:, 0] >= 8).long()
+        return nn.functional.one_hot(predicted, 2).float() * 10 + self.dummy
+
+
+def test_accuracy_is_counted_over_samples_not_averaged_over_batches():
+    labels = torch.ones(10, dtype=torch.long)  # only the last 2 predictions are right: 2 / 10
+    loader = DataLoader(TensorDataset(torch.arange(10.0)[:, None], labels), batch_size=4)  # batches 4, 4, 2
+    result = evaluate(FixedPredictions(), loader, device="cpu")
+    assert result["count"] == 10
+    assert result["accuracy"] == pytest.approx(0.2)  # a mean of batch accuracies would give (0 + 0 + 1) / 3
+
+
+def test_confusion_matrix_counts_true_rows_and_predicted_columns():
+    matrix = confusion_matrix(torch.tensor([0, 1, 1, 2, 2]), torch.tensor([0, 1, 2, 2, 0]), 3)
+    assert matrix.tolist() == [[1, 0, 1], [0, 1, 0], [0, 1, 1]]
+
+
+def assert_same_tensors(first, second):
+    """torch.equal on every tensor of two nested state dicts."""
+    if isinstance(first, torch.Tensor):
+        assert torch.equal(first, second)
+    elif isinstance(first, dict):
+        assert first.keys() == second.keys()
+        for key in first:
+            assert_same_tensors(first[key], second[key])
+    elif isinstance(first, (list, tuple)):
+        assert len(first) == len(second)
+        for a, b in zip(first, second):
+            assert_same_tensors(a, b)
+    else:
+        assert first == second
+
+
+def without_timings(history):
+    return [{k: v for k, v in record.items() if k not in ("images_per_second", "seconds")} for record in history]
+
+
+def test_resume_after_one_epoch_equals_two_straight_epochs(tmp_path):
+    config = TrainConfig(lr=3e-3, warmup_epochs=0.5, device="cpu", log_every=4)
+    straight = fit(tiny_vit(dropout=0.1), *loaders(augment=True), 2, config=config, progress=False,
+                   checkpoint_path=tmp_path / "straight.pt")
+    first = fit(tiny_vit(dropout=0.1), *loaders(augment=True), 2, config=config, progress=False,
+                checkpoint_path=tmp_path / "split.pt", stop_after_epoch=1)
+    assert len(first) == 1 and load_checkpoint(tmp_path / "split.pt")["epoch"] == 1
+    # A fresh process would build a fresh model; a different init must not matter after loading.
+    resumed = fit(tiny_vit(dropout=0.1, seed=123), *loaders(augment=True), 2, config=config, progress=False,
+                  checkpoint_path=tmp_path / "split.pt", resume=True)
+    assert without_timings(resumed) == without_timings(straight)
+    a, b = load_checkpoint(tmp_path / "straight.pt"), load_checkpoint(tmp_path / "split.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for key in ("model", "optimizer", "scheduler"):
+        assert_same_tensors(a[key], b[key])
+
+
+def interrupt_at(model: nn.Module, call: int) -> nn.Module:
+    """Send this process a SIGINT (Ctrl-C) during the model's `call`-th training forward pass."""
+    calls = []
+
+    def hook(module, args):
+        if module.training:
+            calls.append(1)
+            if len(calls) == call:
+                signal.raise_signal(signal.SIGINT)
+
+    model.register_forward_pre_hook(hook)
+    return model
+
+
+def test_ctrl_c_saves_mid_epoch_and_resume_finishes_like_an_uninterrupted_run(tmp_path):
+    straight = fit(tiny_vit(), *loaders(augment=True), 2, config=CONFIG, progress=False,
+                   checkpoint_path=tmp_path / "straight.pt")
+    path = tmp_path / "interrupted.pt"
+    handler_before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):  # 8 steps per epoch: Ctrl-C during the 3rd step of epoch 2
+        fit(interrupt_at(tiny_vit(), call=11), *loaders(augment=True), 2, config=CONFIG, progress=False,
+            checkpoint_path=path)
+    assert signal.getsignal(signal.SIGINT) is handler_before  # fit put the handler back
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["interrupted"] and checkpoint["epoch"] == 1
+    assert checkpoint["epoch_progress"]["step"] == 3 and checkpoint["epoch_progress"]["count"] == 48
+    resumed = fit(tiny_vit(), *loaders(augment=True), 2, config=CONFIG, progress=False, checkpoint_path=path,
+                  resume=True)
+    # No dropout here, so skipping the batches already trained on reproduces the uninterrupted run exactly.
+    assert without_timings(resumed) == without_timings(straight)
+    assert_same_tensors(load_checkpoint(path)["model"], load_checkpoint(tmp_path / "straight.pt")["model"])
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    train_loader, test_loader = loaders()
+    path = tmp_path / "checkpoint.pt"
+    fit(tiny_vit(), train_loader, test_loader, 3, config=CONFIG, progress=False, checkpoint_path=path,
+        stop_after_epoch=1)
+    good = path.read_bytes()
+    train_loader.dataset.tensors[0][5] = float("nan")  # one corrupt image in the training data
+    with pytest.raises(NonFiniteLossError, match=r"(?s)loss became nan in epoch 2.*unchanged"):
+        fit(tiny_vit(), train_loader, test_loader, 3, config=CONFIG, progress=False, checkpoint_path=path,
+            resume=True)
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, path)
+    good = path.read_bytes()
+
+    def crash_half_way(state, file):
+        file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
+
+
+def test_checkpoint_every_n_epochs_and_always_at_the_end(tmp_path, monkeypatch):
+    saved_epochs = []
+    original = training.save_checkpoint
+    monkeypatch.setattr(training, "save_checkpoint",
+                        lambda state, path: saved_epochs.append(state["epoch"]) or original(state, path))
+    config = TrainConfig(lr=3e-3, device="cpu", checkpoint_every=2)
+    fit(tiny_vit(), *loaders(train_size=32), 5, config=config, progress=False, checkpoint_path=tmp_path / "c.pt")
+    assert saved_epochs == [2, 4, 5]
+    saved_epochs.clear()
+    fit(tiny_vit(), *loaders(train_size=32), 5, config=config, progress=False, checkpoint_path=tmp_path / "d.pt",
+        stop_after_epoch=3)
+    assert saved_epochs == [2, 3]  # a session that stops early saves where it stopped
+
+
+def test_checkpoint_has_the_documented_keys(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    fit(tiny_vit(), *loaders(train_size=32), 1, config=CONFIG, progress=False, checkpoint_path=path,
+        class_names=["a", "b", "c", "d"])
+    checkpoint = load_checkpoint(path)
+    assert {"model", "optimizer", "scheduler", "epoch", "config", "train_config", "class_names", "history",
+            "rng_state"} <= set(checkpoint)
+    assert checkpoint["class_names"] == ["a", "b", "c", "d"] and checkpoint["epoch"] == 1
+    assert ViTConfig(**checkpoint["config"]) == tiny_vit().config
+    assert not any(key.startswith(("_orig_mod.", "module.")) for key in checkpoint["model"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Two processes on the CPU, as torchrun would start them
+# --------------------------------------------------------------------------------------------------------------
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    train = coloured_images(96)
+    train_loader = DataLoader(train, batch_size=16, sampler=DistributedSampler(train, seed=0))
+    test_loader = DataLoader(coloured_images(61, seed=1), batch_size=16)  # odd size: shards of 31 and 30
+    model = tiny_vit(seed=rank)  # different initial weights: DDP must start every rank from rank 0's
+    history = fit(model, train_loader, test_loader, 2, config=CONFIG, progress=False,
+                  checkpoint_path=Path(out_dir) / "checkpoint.pt")
+    torch.save(model.state_dict(), Path(out_dir) / f"weights_rank{rank}.pt")
+    (Path(out_dir) / f"history_rank{rank}.json").write_text(json.dumps(history))
+    cleanup_distributed()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_with_gloo_train_in_step_and_write_one_checkpoint(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["checkpoint.pt", "weights_rank0.pt",
+                                                            "weights_rank1.pt"]
+    rank0 = torch.load(tmp_path / "weights_rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "weights_rank1.pt", weights_only=True)
+    assert_same_tensors(rank0, rank1)
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert_same_tensors(checkpoint["model"], rank0)
+    assert not torch.equal(rank0["pos_embed"], tiny_vit(seed=0).pos_embed.detach())  # it trained
+    history = json.loads((tmp_path / "history_rank0.json").read_text())
+    assert without_timings(history) == without_timings(json.loads((tmp_path / "history_rank1.json").read_text()))
+    # The sharded evaluation adds up to exactly the single-process evaluation over all 61 test images.
+    model = tiny_vit()
+    model.load_state_dict(rank0)
+    single = evaluate(model, DataLoader(coloured_images(61, seed=1), batch_size=16), device="cpu")
+    assert history[-1]["test_accuracy"] == pytest.approx(single["accuracy"], abs=1e-12)
+    assert history[-1]["test_loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+def test_resume_is_exact_with_augmenting_dataloader_workers(tmp_path):
+    """The real loaders, random crops and flips drawn inside a worker process: resume still replays them exactly."""
+    from PIL import Image
+
+    from vit_helpers.data import make_dataloaders
+
+    generator = torch.Generator().manual_seed(0)
+    for label in range(NUM_CLASSES):
+        for i in range(12):
+            pixels = (torch.rand(10, 10, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            path = tmp_path / "images" / f"class{label}" / f"{i:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path)
+
+    def run(checkpoint, **kwargs):
+        train, test, _ = make_dataloaders(tmp_path / "images", image_size=8, batch_size=8, test_fraction=0.25,
+                                          num_workers=1, augment=True)
+        return fit(tiny_vit(), train, test, 2, config=CONFIG, progress=False, checkpoint_path=checkpoint, **kwargs)
+
+    straight = run(tmp_path / "straight.pt")
+    run(tmp_path / "split.pt", stop_after_epoch=1)
+    resumed = run(tmp_path / "split.pt", resume=True)
+    assert without_timings(resumed) == without_timings(straight)
+    assert_same_tensors(load_checkpoint(tmp_path / "straight.pt")["model"], load_checkpoint(tmp_path / "split.pt")["model"])

@@ -1,0 +1,230 @@
+"""How fast does a ViT train and infer, and how close is that to what the hardware can do?
+
+    python -m vit_helpers bench --model ViT-B/16 --batch-size 256 --compile --compare timm,torchvision
+
+For each implementation (ours, and timm's and torchvision's `VisionTransformer` built with the same sizes,
+randomly initialised), on synthetic input: images/s, ms per step, achieved TFLOP/s and MFU, the model FLOPs
+utilisation (as nanoGPT's `estimate_mfu`). FLOPs are analytic (`ViTConfig.training_flops()` = 3 x forward for
+a training step), and the ceiling they are compared with is measured here: a large bf16 (CUDA) or float32
+(CPU) matrix multiply. A training step is forward, loss, backward and a fused AdamW update under bf16 autocast
+on CUDA; inference is a forward pass under `torch.inference_mode()`. Warm-up steps (and compilation) are not
+timed; each step is timed with CUDA events on GPUs, and the median step is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vit_helpers.model import ViT, ViTConfig
+from vit_helpers.training import resolve_device
+
+IMPLEMENTATIONS = ("ours", "timm", "torchvision")
+MODES = ("train", "inference")
+
+
+@dataclass
+class BenchResult:
+    implementation: str
+    mode: str  # "train" or "inference"
+    batch_size: int
+    compiled: bool
+    ms_per_step: float | None = None
+    images_per_second: float | None = None
+    tflops: float | None = None  # achieved, from the analytic FLOPs
+    mfu: float | None = None  # achieved / measured matmul ceiling
+    note: str = ""
+
+
+def parse_names(text: str) -> list[str]:
+    names = [name.strip().lower() for name in (text or "").split(",") if name.strip()]
+    unknown = sorted(set(names) - set(IMPLEMENTATIONS))
+    if unknown:
+        raise ValueError(f"--compare: unknown implementation(s) {', '.join(unknown)}; choose from timm, torchvision.")
+    return [name for name in names if name != "ours"]
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [mode.strip().lower() for mode in text.split(",") if mode.strip()]
+    if not modes or set(modes) - set(MODES):
+        raise ValueError(f"--modes: expected train, inference or both, got {text!r}.")
+    return modes
+
+
+def build_model(implementation: str, config: ViTConfig) -> nn.Module:
+    """Our ViT, or timm's / torchvision's VisionTransformer with the same sizes. ImportError if not installed."""
+    if implementation == "ours":
+        return ViT(config)
+    if implementation == "timm":
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(img_size=config.image_size, patch_size=config.patch_size,
+                                 in_chans=config.in_channels, num_classes=config.num_classes,
+                                 embed_dim=config.embed_dim, depth=config.num_layers, num_heads=config.num_heads,
+                                 mlp_ratio=config.mlp_dim / config.embed_dim, qkv_bias=True, class_token=True,
+                                 global_pool="token")
+    if implementation == "torchvision":
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(image_size=config.image_size, patch_size=config.patch_size,
+                                 num_layers=config.num_layers, num_heads=config.num_heads,
+                                 hidden_dim=config.embed_dim, mlp_dim=config.mlp_dim, num_classes=config.num_classes)
+    raise ValueError(f"unknown implementation {implementation!r}: choose from {', '.join(IMPLEMENTATIONS)}.")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_step_seconds(step: Callable[[], None], steps: int, warmup_steps: int, device: torch.device) -> float:
+    """Run `step` warmup_steps times untimed, then `steps` times; the median step time in seconds."""
+    for _ in range(warmup_steps):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        synchronize(device)
+        return statistics.median(start.elapsed_time(end) / 1e3 for start, end in events)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure_matmul_ceiling(device: torch.device | str = "cpu", size: int | None = None, repeats: int = 10) -> float:
+    """FLOP/s of one large square matrix multiply: bf16 8192^3 on CUDA, float32 1024^3 on the CPU."""
+    device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 1024)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = median_step_seconds(lambda: torch.mm(a, b), repeats, warmup_steps=3, device=device)
+    return 2 * size ** 3 / seconds
+
+
+def make_step(model: nn.Module, mode: str, batch_size: int, config: ViTConfig, device: torch.device,
+              compile_model: bool) -> Callable[[], None]:
+    images = torch.randn(batch_size, config.in_channels, config.image_size, config.image_size, device=device)
+    labels = torch.randint(0, config.num_classes, (batch_size,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    forward = torch.compile(model) if compile_model else model
+    if mode == "inference":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast:
+                forward(images)
+
+        return step
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = F.cross_entropy(forward(images).float(), labels)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_one(implementation: str, mode: str, config: ViTConfig, batch_size: int, device: torch.device,
+              steps: int, warmup_steps: int, compile_model: bool, ceiling: float) -> BenchResult:
+    result = BenchResult(implementation, mode, batch_size, compile_model)
+    try:
+        model = build_model(implementation, config).to(device)
+    except ImportError as error:
+        result.note = f"not installed ({error.name})"
+        return result
+    try:
+        seconds = median_step_seconds(make_step(model, mode, batch_size, config, device, compile_model), steps,
+                                      warmup_steps, device)
+    except torch.OutOfMemoryError:
+        result.note = "out of memory: lower --batch-size"
+        return result
+    finally:
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    flops = (config.training_flops() if mode == "train" else config.forward_flops()) * batch_size
+    result.ms_per_step = seconds * 1e3
+    result.images_per_second = batch_size / seconds
+    result.tflops = flops / seconds / 1e12
+    result.mfu = flops / seconds / ceiling
+    return result
+
+
+def run_bench(model: str = "ViT-B/16", batch_size: int = 256, *, image_size: int | None = None,
+              patch_size: int | None = None, num_classes: int = 1000, compare=(), steps: int = 20,
+              warmup_steps: int = 5, modes=MODES, device: str = "auto",
+              compile: bool = False) -> tuple[list[BenchResult], dict]:
+    """Measure ours (and `compare`) in every mode. Returns (results, context: model, device, ceiling, ...)."""
+    overrides = {key: value for key, value in (("image_size", image_size), ("patch_size", patch_size))
+                 if value is not None}
+    config = ViTConfig.named(model, num_classes=num_classes, **overrides)
+    if batch_size < 1 or steps < 1 or warmup_steps < 0:
+        raise ValueError("--batch-size and --steps must be positive and --warmup-steps not negative.")
+    device = resolve_device(device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    ceiling = measure_matmul_ceiling(device)
+    results = [bench_one(implementation, mode, config, batch_size, device, steps, warmup_steps, compile, ceiling)
+               for implementation in ("ours", *compare) for mode in modes]
+    context = {"model": model, "config": dataclasses.asdict(config), "device": device_name(device),
+               "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+               "ceiling_flops": ceiling, "training_gflops_per_image": config.training_flops() / 1e9,
+               "forward_gflops_per_image": config.forward_flops() / 1e9, "torch": torch.__version__}
+    return results, context
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def format_table(results: list[BenchResult], context: dict) -> str:
+    config = context["config"]
+    lines = [f"{context['model']} at {config['image_size']} px (patch {config['patch_size']}), "
+             f"{context['forward_gflops_per_image']:.2f} GFLOPs forward / image, on {context['device']}, "
+             f"{context['precision']}",
+             f"matmul ceiling: {context['ceiling_flops'] / 1e12:.2f} TFLOP/s",
+             f"{'implementation':<14} {'mode':<10} {'compiled':<9} {'batch':>6} {'img/s':>10} {'ms/step':>9} "
+             f"{'TFLOP/s':>8} {'MFU':>7}"]
+    for r in results:
+        head = f"{r.implementation:<14} {r.mode:<10} {'yes' if r.compiled else 'no':<9} {r.batch_size:>6}"
+        if r.images_per_second is None:
+            lines.append(f"{head} {r.note}")
+        else:
+            lines.append(f"{head} {r.images_per_second:>10.1f} {r.ms_per_step:>9.2f} {r.tflops:>8.3f} "
+                         f"{100 * r.mfu:>6.1f}%")
+    return "\n".join(lines)
+
+
+def save_json(results: list[BenchResult], context: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps({**context, "results": [dataclasses.asdict(r) for r in results]}, indent=2))
+    os.replace(temporary, path)

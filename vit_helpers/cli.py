@@ -1,0 +1,367 @@
+"""The command line: `python -m vit_helpers train | download | bench`.
+
+    python -m vit_helpers train --data sample --recipe demo --out runs/demo
+    python -m vit_helpers train --data animals10 --model ViT-B/16 --epochs 10 --batch-size 64 --out runs/b16
+    torchrun --nproc_per_node=4 -m vit_helpers train --data cifar10 --recipe cifar10 --out runs/cifar10
+    python -m vit_helpers download animals10
+    python -m vit_helpers bench --model ViT-B/16 --batch-size 256 --compile --compare timm,torchvision
+
+Mistakes in the arguments (an unknown model, an image size the patch size does not divide, missing data, a
+device that is not there) end with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never open a window, work on servers without a display
+
+import torch  # noqa: E402
+
+from vit_helpers import plots, training  # noqa: E402
+from vit_helpers.model import ViT, ViTConfig  # noqa: E402
+from vit_helpers.recipes import RECIPES, Recipe, get_recipe  # noqa: E402
+
+#: What `--resume` may change; everything else comes from the checkpoint, so the run continues as it began.
+RESUMABLE_FLAGS = ("data", "epochs", "device", "compile", "compile_mode", "num_workers", "cpu_threads")
+
+
+class UsageError(Exception):
+    """Bad arguments or missing data: reported as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m vit_helpers", description=__doc__.split("\n\n")[0],
+                           epilog="examples:\n" + __doc__.split("\n\n")[1],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    add_train_arguments(commands.add_parser("train", help="train a ViT on a folder of images or a named data set"))
+    download = commands.add_parser("download", help="download and prepare a data set")
+    download.add_argument("dataset", choices=("animals10", "cifar10", "sample"))
+    download.add_argument("--dest", help="folder to prepare it in (default: data/<dataset>)")
+    download.add_argument("--force", action="store_true", help="download and prepare again")
+    add_bench_arguments(commands.add_parser("bench", help="training and inference throughput, TFLOP/s and MFU"))
+    return parser
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults are None so that a recipe's values apply unless the flag is given.
+    parser.add_argument("--data", help="image folder (<folder>/<class>/<image>, optionally split into train/ "
+                                       "and test/) or a name: sample, animals10, cifar10")
+    parser.add_argument("--model", help="ViT-Ti/16, ViT-S/16, ViT-B/16, ViT-B/32, ViT-L/16, ... (ViTConfig.named)")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--patch-size", type=int, help="overrides the patch size of --model")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int, help="per process")
+    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--weight-decay", type=float)
+    parser.add_argument("--warmup-epochs", type=float)
+    parser.add_argument("--label-smoothing", type=float)
+    parser.add_argument("--augment", choices=("none", "basic", "strong"))
+    parser.add_argument("--cached", action=argparse.BooleanOptionalAction,
+                        help="decode the images once and augment them on the device (fast on GPUs)")
+    parser.add_argument("--num-workers", type=int, help="data-loading processes (default: by data-set size)")
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--cpu-threads", type=int, help="torch threads when training on the CPU")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                        help="do not torch.compile the model (it is compiled on CUDA by default)")
+    parser.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--recipe", help=f"a named configuration: {', '.join(RECIPES)}; flags override it")
+    parser.add_argument("--out", required=True, help="folder for checkpoint.pt, metrics.json and the plots")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--stop-after-epoch", type=int, help="end this session after that epoch of the "
+                                                             "schedule; --resume finishes it")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="ViT-B/16")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--patch-size", type=int)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--compare", default="", help="also measure these implementations: timm,torchvision")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
+    parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--modes", default="train,inference", help="train, inference or both")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", dest="json_path", help="also save the results as JSON here")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------------------------
+
+def run_settings(args, device_type: str) -> dict:
+    """The run's settings: the recipe's (or the defaults), then every flag that was given."""
+    recipe = get_recipe(args.recipe, device_type) if args.recipe else Recipe()
+    settings = {
+        "recipe": args.recipe, "data": recipe.data, "model": recipe.model,
+        "model_overrides": dict(recipe.model_overrides), "image_size": recipe.image_size, "patch_size": None,
+        "epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr,
+        "weight_decay": recipe.weight_decay, "warmup_epochs": recipe.warmup_epochs,
+        "label_smoothing": recipe.label_smoothing, "augment": recipe.augment, "cached": recipe.cached,
+        "num_workers": None, "device": "auto", "seed": 42, "compile": None, "compile_mode": None,
+        "cpu_threads": recipe.cpu_threads, "checkpoint_every": recipe.checkpoint_every,
+    }
+    settings.update(given_flags(args))
+    return settings
+
+
+def given_flags(args) -> dict:
+    names = ("data", "model", "image_size", "patch_size", "epochs", "batch_size", "lr", "weight_decay",
+             "warmup_epochs", "label_smoothing", "augment", "cached", "num_workers", "device", "seed", "compile",
+             "compile_mode", "cpu_threads")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if given.get("augment") in ("none", "basic"):  # as data.make_dataloaders spells them
+        given["augment"] = given["augment"] == "basic"
+    return given
+
+
+def model_config(settings: dict, num_classes: int) -> ViTConfig:
+    overrides = dict(settings["model_overrides"], image_size=settings["image_size"], num_classes=num_classes)
+    if settings["patch_size"]:
+        overrides["patch_size"] = settings["patch_size"]
+    return ViTConfig.named(settings["model"], **overrides)
+
+
+def train_config(settings: dict) -> training.TrainConfig:
+    return training.TrainConfig(
+        epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
+        weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"],
+        label_smoothing=settings["label_smoothing"], compile=settings["compile"],
+        compile_mode=settings.get("compile_mode"), seed=settings["seed"], device=settings["device"],
+        checkpoint_every=settings.get("checkpoint_every", 1))
+
+
+def resumed_settings(args, checkpoint_path: Path) -> dict:
+    """The settings of the run being resumed, with the flags that may change (RESUMABLE_FLAGS) applied."""
+    if not checkpoint_path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {checkpoint_path}; drop --resume to start a new run.")
+    settings = training.load_checkpoint(checkpoint_path).get("metadata", {}).get("settings")
+    if settings is None:
+        raise UsageError(f"--resume: {checkpoint_path} was not written by `python -m vit_helpers train`.")
+    given = given_flags(args)
+    if args.recipe:
+        given["recipe"] = args.recipe
+    fixed = {name: value for name, value in given.items() if name not in RESUMABLE_FLAGS
+             and value != settings.get(name)}
+    if fixed:
+        listed = ", ".join(f"--{name.replace('_', '-')}" for name in fixed)
+        raise UsageError(f"--resume continues the run as it was set up; {listed} cannot change (only "
+                         f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE_FLAGS)} can). Use a new --out.")
+    return dict(settings, **{name: given[name] for name in RESUMABLE_FLAGS if name in given})
+
+
+def build_loaders(settings: dict, device: torch.device):
+    from vit_helpers import data
+
+    if settings["data"] is None:
+        raise UsageError("--data is required: an image folder, or sample, animals10, cifar10.")
+    if settings["cached"]:
+        from vit_helpers.gpu_data import make_cached_loaders
+
+        return make_cached_loaders(settings["data"], image_size=settings["image_size"],
+                                   batch_size=settings["batch_size"], device=device, seed=settings["seed"],
+                                   augment=settings["augment"])
+    return data.make_dataloaders(settings["data"], image_size=settings["image_size"],
+                                 batch_size=settings["batch_size"], seed=settings["seed"],
+                                 num_workers=settings["num_workers"], augment=settings["augment"])
+
+
+def prepare_run(args):
+    """Everything before training, where any failure is a usage error: settings, device, data, model."""
+    from vit_helpers.data import DatasetError
+
+    out = Path(args.out)
+    try:
+        if args.resume:
+            settings = resumed_settings(args, out / "checkpoint.pt")
+        else:
+            settings = run_settings(args, training.resolve_device(args.device or "auto").type)
+        model_config(settings, num_classes=2)  # checks the model name and sizes before the data is read
+        device = training.init_distributed(settings["device"])
+        if device.type == "cpu" and settings.get("cpu_threads"):
+            torch.set_num_threads(settings["cpu_threads"])
+        train_loader, test_loader, class_names = build_loaders(settings, device)
+    except (ValueError, TypeError, FileNotFoundError, DatasetError) as error:
+        raise UsageError(one_line(error)) from None
+    torch.manual_seed(settings["seed"])
+    model = ViT(model_config(settings, num_classes=len(class_names)))
+    return settings, device, train_loader, test_loader, class_names, model
+
+
+def train(args) -> int:
+    threads = torch.get_num_threads()
+    try:
+        return _train(args)
+    finally:
+        torch.set_num_threads(threads)  # a recipe's cpu_threads must not outlive an in-process call
+
+
+def _train(args) -> int:
+    settings, device, train_loader, test_loader, class_names, model = prepare_run(args)
+    rank, world_size = training.distributed_info()
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"training {settings['model']} ({model.num_parameters() / 1e6:.2f}M parameters, "
+              f"{model.config.image_size}px, patch {model.config.patch_size}) on {settings['data']} "
+              f"({len(class_names)} classes) on {device}"
+              + (f" x {world_size} processes" if world_size > 1 else "")
+              + (f", recipe {settings['recipe']}" if settings["recipe"] else ""), flush=True)
+    started = time.perf_counter()
+    history = training.fit(model, train_loader, test_loader, config=train_config(settings),
+                           class_names=class_names, checkpoint_path=out / "checkpoint.pt", resume=args.resume,
+                           stop_after_epoch=args.stop_after_epoch, metadata={"settings": settings})
+    probabilities, labels = training.predict(model, test_loader, device)
+    if rank == 0:
+        write_results(out, settings, model, history, class_names, probabilities, labels, test_loader,
+                      world_size, time.perf_counter() - started)
+    training.cleanup_distributed()
+    return 0
+
+
+def write_results(out: Path, settings, model, history, class_names, probabilities, labels, test_loader,
+                  world_size: int, seconds: float) -> None:
+    from vit_helpers.data import denormalize
+
+    matrix = training.confusion_matrix(probabilities.argmax(dim=-1), labels, len(class_names))
+    steady = [record["images_per_second"] for record in history[1:]] or [history[-1]["images_per_second"]]
+    metrics = {
+        "test_accuracy": history[-1]["test_accuracy"],
+        "test_loss": history[-1]["test_loss"],
+        "best_test_accuracy": max(record["test_accuracy"] for record in history),
+        "epochs_completed": history[-1]["epoch"],
+        "images_per_second": statistics.median(steady),  # training, all processes, after the first epoch
+        "world_size": world_size,
+        "device": str(next(model.parameters()).device),
+        "wall_time_seconds": seconds,
+        "num_parameters": model.num_parameters(),
+        "model": settings["model"],
+        "model_config": dataclasses.asdict(model.config),
+        "train_config": train_config(settings).to_dict(),
+        "settings": settings,
+        "class_names": list(class_names),
+        "confusion_matrix": matrix.tolist(),
+        "history": history,
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    figures = {"loss_curves.png": plots.plot_history(history),
+               "confusion_matrix.png": plots.plot_confusion_matrix(matrix, class_names)}
+    images, example_labels = example_images(test_loader)
+    model.eval()
+    with torch.no_grad():
+        example_probabilities = model(images.to(next(model.parameters()).device)).float().softmax(dim=-1).cpu()
+    figures["predictions.png"] = plots.plot_predictions(images, example_probabilities, class_names,
+                                                        example_labels, denormalize=denormalize)
+    for name, figure in figures.items():
+        figure.savefig(out / name, dpi=110)
+    print(f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs_completed']} epochs "
+          f"({seconds:.0f} s, {metrics['images_per_second']:.0f} img/s)")
+    print(f"metrics:    {out / 'metrics.json'}\ncheckpoint: {out / 'checkpoint.pt'}\n"
+          f"plots:      {', '.join(str(out / name) for name in figures)}")
+
+
+def example_images(loader, count: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` test images spread evenly over the (class-sorted) test set, and their labels, on the CPU."""
+    stride = max(1, len(loader.dataset) // count)
+    images, labels, seen = [], [], 0
+    for batch_images, batch_labels in loader:
+        keep = torch.arange(seen, seen + len(batch_labels)) % stride == 0
+        images.append(batch_images.cpu()[keep])
+        labels.append(batch_labels.cpu()[keep])
+        seen += len(batch_labels)
+        if sum(map(len, labels)) >= count:
+            break
+    return torch.cat(images)[:count], torch.cat(labels)[:count]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# download, bench
+# --------------------------------------------------------------------------------------------------------------
+
+def download(args) -> int:
+    from vit_helpers import data
+
+    try:
+        if args.dataset == "animals10":
+            folder = data.download_animals10(args.dest or data.DATA_ROOT / "animals10", force=args.force,
+                                             quiet=True)
+        else:
+            folder = data.download_dataset(args.dataset, args.dest, force=args.force)
+    except data.DatasetError as error:
+        print(f"download {args.dataset}: {one_line(error)}", file=sys.stderr)
+        return 1
+    counts = data.count_images(folder)
+    if (Path(folder) / "train").is_dir():
+        counts = {split: sum(data.count_images(Path(folder) / split).values()) for split in ("train", "test")}
+    listed = ", ".join(f"{name} {count:,}" for name, count in counts.items())
+    print(f"{args.dataset} is ready in {folder}: {sum(counts.values()):,} images ({listed})")
+    return 0
+
+
+def bench(args) -> int:
+    from vit_helpers import bench as benchmark
+
+    try:
+        results, context = benchmark.run_bench(
+            args.model, args.batch_size, image_size=args.image_size, patch_size=args.patch_size,
+            num_classes=args.num_classes, compare=benchmark.parse_names(args.compare), steps=args.steps,
+            warmup_steps=args.warmup_steps, modes=benchmark.parse_modes(args.modes), device=args.device,
+            compile=args.compile)
+    except ValueError as error:
+        raise UsageError(one_line(error)) from None
+    print(benchmark.format_table(results, context))
+    if args.json_path:
+        benchmark.save_json(results, context, args.json_path)
+        print(f"saved {args.json_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    prefix = parser.prog
+    try:
+        args = parser.parse_args(argv)
+        prefix = f"{parser.prog} {args.command}"
+        return {"train": train, "download": download, "bench": bench}[args.command](args)
+    except UsageError as error:
+        print(f"{prefix}: error: {error}", file=sys.stderr)
+        return 2
+    except training.NonFiniteLossError as error:
+        print(f"{prefix}: {one_line(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as interrupt:
+        detail = f" ({interrupt})" if str(interrupt) else ""
+        print(f"\ninterrupted{detail}; run the same command with --resume to continue.", file=sys.stderr)
+        return 130

@@ -1,0 +1,664 @@
+"""Training: `fit(model, train_loader, test_loader, epochs)` with the recipe of the paper's Appendix B.1.
+
+What the paper does, and what we keep:
+- "We train all models ... using Adam with beta_1 = 0.9, beta_2 = 0.999, ... a high weight decay of 0.1":
+  AdamW here, with no decay on LayerNorm weights, biases, the class token and the position embeddings
+  (`parameter_groups`), as timm and DeiT do.
+- "linear learning rate warmup and decay": linear warm-up, then cosine decay to zero, stepped every batch
+  (`build_scheduler`, a `LambdaLR`).
+- "global gradient clipping at norm 1": `clip_norm=1.0`.
+- Label smoothing (from DeiT, not the paper) helps when the data set is small.
+
+Speed habits, each switched on by default on CUDA: bf16 autocast, fused AdamW, TF32 matmuls, `torch.compile`,
+`non_blocking` copies from pinned memory, and no host-device synchronisation per step (loss and accuracy add up
+on the device and are read every `log_every` steps for the progress bar).
+
+Checkpoints are written atomically at the end of every epoch; `resume=True` continues exactly, because every
+epoch's randomness is seeded from (seed, rank, epoch). The same `fit` runs on many GPUs or nodes under
+`torchrun` (DistributedDataParallel; `init_distributed` joins the process group).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import random
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, SequentialSampler, Subset
+from tqdm import tqdm
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. The defaults are a sound start for a small ViT trained from scratch."""
+
+    epochs: int = 10
+    batch_size: int = 64  # per process; `fit` takes it from the loaders, the CLI builds them with it
+    lr: float = 1e-3  # peak learning rate, reached at the end of the warm-up
+    weight_decay: float = 0.05  # AdamW's decoupled weight decay (paper: 0.1 for pre-training)
+    warmup_epochs: float = 1.0
+    warmup_steps: int | None = None  # if set, overrides warmup_epochs
+    label_smoothing: float = 0.1
+    clip_norm: float | None = 1.0  # global gradient norm clipping, Appendix B.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    amp: bool = True  # bf16 autocast on CUDA (never on the CPU, where it is slower)
+    compile: bool | None = None  # torch.compile; None means on CUDA only
+    compile_mode: str | None = None  # e.g. "max-autotune-no-cudagraphs"
+    seed: int = 42
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    log_every: int = 25  # steps between progress-bar updates (each one synchronises with the GPU)
+    checkpoint_every: int = 1  # epochs between checkpoints; the last epoch of a session is always saved
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Devices and processes
+# --------------------------------------------------------------------------------------------------------------
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" -> this process's GPU if there is one, else the CPU. Raises ValueError for an unusable device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU "
+                             f"(torch.cuda.is_available() is False); use --device cpu or auto.")
+        index = local_rank if name == "cuda" else int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device cuda:{index} asked for, but only {torch.cuda.device_count()} GPU(s) exist.")
+        return torch.device("cuda", index)
+    raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N.")
+
+
+def init_distributed(device: str = "auto") -> torch.device:
+    """Join the process group when launched by `torchrun` (it sets RANK, WORLD_SIZE and LOCAL_RANK).
+
+    NCCL between GPUs, gloo on the CPU. Returns this process's device (cuda:LOCAL_RANK on GPUs). Without
+    torchrun it only resolves the device. Call it before building the data loaders: their DistributedSampler
+    reads the world size from the process group.
+    """
+    resolved = resolve_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+            dist.init_process_group("nccl", device_id=resolved)
+        else:
+            dist.init_process_group("gloo")
+    return resolved
+
+
+def distributed_info() -> tuple[int, int]:
+    """(rank, world_size) of this process; (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return distributed_info()[0] == 0
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # let rank 0 finish writing files before anyone leaves
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    with contextlib.suppress(ImportError):
+        import numpy
+
+        numpy.random.seed(seed % 2**32)
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one epoch on one process: a function of (seed, rank, epoch) alone, so a resumed run draws
+    the same augmentations and shuffles as an uninterrupted one, and every rank draws different ones."""
+    digest = hashlib.sha256(f"{seed}/{rank}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
+def _enable_fast_math(device: torch.device) -> None:
+    if device.type == "cuda":
+        # TF32 matmuls for whatever runs in float32 (bf16 autocast covers the rest): ~8x faster, 10-bit mantissa.
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside `torch.compile` (`_orig_mod`) and DistributedDataParallel (`module`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimiser and learning-rate schedule
+# --------------------------------------------------------------------------------------------------------------
+
+NO_WEIGHT_DECAY_NAMES = ("cls_token", "pos_embed")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: weights of Linear and Conv layers decay; LayerNorm weights, biases (every 1-D tensor),
+    the class token and the position embeddings do not (shrinking them towards zero only hurts)."""
+    skip = set(NO_WEIGHT_DECAY_NAMES) | set(getattr(model, "no_weight_decay", lambda: ())())  # timm's convention
+    decay, no_decay = {"params": [], "names": []}, {"params": [], "names": []}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        group = no_decay if parameter.ndim <= 1 or name in skip or name.split(".")[-1] in skip else decay
+        group["params"].append(parameter)
+        group["names"].append(name)
+    return [dict(decay, weight_decay=weight_decay), dict(no_decay, weight_decay=0.0)]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `parameter_groups`; the fused CUDA kernel updates every parameter in one launch."""
+    return torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
+                             fused=device.type == "cuda")
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor at each step: linear from 1/(warmup+1) up to 1 at step `warmup_steps`, then a
+    half cosine down to 0 at step `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up then cosine decay, stepped once per optimiser step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+
+
+def count_warmup_steps(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> int:
+    steps = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_epochs * steps_per_epoch)
+    return max(0, min(steps, total_steps - 1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One epoch of training, one pass of evaluation
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class EpochTally:
+    """Running sums of one epoch. Loss and correct stay on the device so that adding to them never waits."""
+
+    step: int = 0
+    count: int = 0
+    loss_sum: torch.Tensor | float = 0.0
+    correct: torch.Tensor | int = 0
+    seconds: float = 0.0
+
+    def totals(self, distributed: bool) -> tuple[float, float, int]:
+        """(loss_sum, correct, count), summed over every process. Reading them synchronises with the GPU."""
+        device = self.loss_sum.device if isinstance(self.loss_sum, torch.Tensor) else torch.device("cpu")
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                              for v in (self.loss_sum, self.correct, self.count)])
+        if distributed:
+            dist.all_reduce(values)
+        loss_sum, correct, count = values.tolist()
+        return loss_sum, correct, int(count)
+
+
+class GracefulStop:
+    """Ctrl-C sets a flag that the training loop reads after each step, so the step in progress finishes and a
+    consistent checkpoint can be written. A second Ctrl-C interrupts at once. Only in a single process."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "GracefulStop":
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _set_epoch(loader, epoch: int, seed: int) -> None:
+    """Tell a loader (a GPU-cached one) or its DistributedSampler which epoch it is: the order depends on it.
+    DataLoader workers draw their random seeds from the loader's generator: reseed it from the epoch too."""
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed)
+    for owner in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None),
+                                                                      "sampler", None)):
+        if owner is not None and hasattr(owner, "set_epoch"):
+            owner.set_epoch(epoch)
+            return
+
+
+def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    # non_blocking overlaps the copy from pinned memory with compute; a no-op for tensors already there.
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, device: torch.device,
+                    config: TrainConfig, epoch: int = 0, tally: EpochTally | None = None,
+                    stop: GracefulStop | None = None, progress: bool = True) -> EpochTally:
+    """One pass over `loader`. Returns the epoch's tally; `tally.step < len(loader)` means it was stopped early.
+
+    A `tally` carried over from an interrupted epoch resumes it: the batches it already trained on are read
+    again (so the data order and augmentations continue as they were) but skipped.
+    """
+    rank, world_size = distributed_info()
+    tally = tally or EpochTally()
+    skip = tally.step
+    tally.loss_sum = torch.as_tensor(tally.loss_sum, dtype=torch.float32, device=device)
+    tally.correct = torch.as_tensor(tally.correct, dtype=torch.int64, device=device)
+    model.train()
+    bar = tqdm(total=len(loader), initial=skip, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    started = time.perf_counter() - tally.seconds
+    try:
+        for index, (images, labels) in enumerate(loader):
+            if index < skip:
+                continue
+            images, labels = _to_device(images, labels, device)
+            loss, logits = _train_step(model, images, labels, optimizer, scheduler, loss_fn, device, config)
+            tally.loss_sum += loss * labels.shape[0]
+            tally.correct += (logits.argmax(dim=-1) == labels).sum()
+            tally.count += labels.shape[0]
+            tally.step = index + 1
+            bar.update(1)
+            if tally.step % config.log_every == 0 or tally.step == len(loader):
+                tally.seconds = time.perf_counter() - started
+                _check_and_show(tally, bar, epoch, world_size > 1)
+            if stop is not None and stop.requested:
+                break
+    except RuntimeError as error:
+        # DataLoader workers get Ctrl-C too and exit; the main process then fails waiting for their batch.
+        if isinstance(error, NonFiniteLossError) or stop is None or not stop.requested:
+            raise
+    finally:
+        bar.close()
+    tally.seconds = time.perf_counter() - started
+    return tally
+
+
+def _train_step(model, images, labels, optimizer, scheduler, loss_fn, device, config):
+    optimizer.zero_grad(set_to_none=True)  # frees the gradients instead of writing zeros into them
+    with _autocast(device, config.amp):
+        logits = model(images)  # (batch, num_classes)
+    loss = loss_fn(logits.float(), labels)
+    loss.backward()
+    if config.clip_norm:
+        nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach(), logits.detach()
+
+
+def _check_and_show(tally: EpochTally, bar, epoch: int, distributed: bool) -> None:
+    loss_sum, correct, count = tally.totals(distributed)
+    if not math.isfinite(loss_sum):
+        raise NonFiniteLossError(
+            f"the training loss became {loss_sum / count} in epoch {epoch + 1} (by step {tally.step}). "
+            f"Lower the learning rate (--lr), lengthen the warm-up, or look for NaNs in the data.")
+    bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.4f}",
+                    img_s=f"{count / max(tally.seconds, 1e-9):.0f}", refresh=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device | str | None = None, amp: bool = True,
+             distributed: bool = False) -> dict[str, float]:
+    """Mean cross-entropy (no label smoothing) and accuracy over every sample of `loader`.
+
+    Both are sums over samples divided by the number of samples, never means of per-batch means (which would
+    over-weight a short last batch). With `distributed=True` the sums of every process are added together.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    for images, labels in loader:
+        images, labels = _to_device(images, labels, device)
+        with _autocast(device, amp):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(dim=-1) == labels).sum()
+        count += labels.shape[0]
+    model.train(was_training)
+    loss_sum, correct, count = EpochTally(loss_sum=loss_sum, correct=correct, count=count).totals(distributed)
+    if count == 0:
+        raise ValueError("the evaluation loader yielded no samples; is the test split empty?")
+    return {"loss": loss_sum / count, "accuracy": correct / count, "count": count}
+
+
+def evaluation_loader(loader, rank: int, world_size: int):
+    """(loader, sums_need_all_reduce): how this process takes part in an exact evaluation under DDP.
+
+    A plain sequential DataLoader is split here, every world_size-th sample to each rank (no padding, so the
+    sums over ranks are exact). A loader that is already split without overlap (the GPU-cached one) is used as
+    it is and its sums added up; one that holds the whole set on every rank is evaluated whole, everywhere.
+    """
+    if world_size == 1:
+        return loader, False
+    if isinstance(loader, DataLoader) and isinstance(loader.sampler, SequentialSampler):
+        shard = Subset(loader.dataset, range(rank, len(loader.dataset), world_size))
+        return DataLoader(shard, batch_size=loader.batch_size, num_workers=loader.num_workers,
+                          pin_memory=loader.pin_memory, collate_fn=loader.collate_fn), True
+    mine, size = len(loader.sampler), len(loader.dataset)
+    total = torch.tensor(mine, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    if int(total) == size:
+        return loader, True
+    if mine == size:
+        return loader, False
+    raise ValueError(f"the test loader's samplers cover {int(total)} samples for a test set of {size} (a "
+                     f"DistributedSampler pads with repeats): give fit a sequential test loader.")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device | str | None = None,
+            amp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities (num_samples, num_classes), labels (num_samples,)) for every sample of `loader`, on the CPU.
+
+    Under DDP every rank gets every sample (its share is computed here and gathered), grouped by rank.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    rank, world_size = distributed_info()
+    loader, sharded = evaluation_loader(loader, rank, world_size)
+    was_training = model.training
+    model.eval()
+    probabilities, labels = [], []
+    for images, batch_labels in loader:
+        with _autocast(device, amp):
+            logits = model(images.to(device, non_blocking=True))
+        probabilities.append(logits.float().softmax(dim=-1).cpu())
+        labels.append(batch_labels.cpu())
+    model.train(was_training)
+    probabilities, labels = torch.cat(probabilities), torch.cat(labels)
+    if sharded:
+        shares = [None] * world_size
+        dist.all_gather_object(shares, (probabilities, labels))
+        probabilities, labels = torch.cat([p for p, _ in shares]), torch.cat([l for _, l in shares])
+    return probabilities, labels
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, num_classes) counts: row = true class, column = predicted class."""
+    index = labels.long().flatten() * num_classes + predictions.long().flatten()
+    return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file in the same folder, then os.replace: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual rights
+        with os.fdopen(descriptor, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train first, or drop --resume to start afresh.")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(ViT with the checkpoint's weights in eval mode, class names) from a checkpoint that `fit` wrote."""
+    from vit_helpers.model import ViT, ViTConfig
+
+    checkpoint = load_checkpoint(path)
+    model = ViT(ViTConfig(**checkpoint["config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), checkpoint.get("class_names")
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    with contextlib.suppress(ImportError):
+        import numpy
+
+        kind, keys, position, has_gauss, gauss = numpy.random.get_state()
+        states["numpy"] = (kind, keys.tolist(), position, has_gauss, gauss)  # plain types: weights_only loads it
+    return states
+
+
+def _checkpoint_state(model, optimizer, scheduler, config, epoch, history, class_names, metadata,
+                      tally: EpochTally | None = None) -> dict[str, Any]:
+    model = unwrap_model(model)
+    model_config = getattr(model, "config", None)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,  # epochs completed
+        "config": dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else None,
+        "train_config": config.to_dict(),
+        "class_names": list(class_names) if class_names is not None else None,
+        "history": history,
+        "rng_state": _rng_states(),  # for inspection: each epoch reseeds from (seed, rank, epoch)
+        "metadata": metadata or {},
+        "interrupted": tally is not None,
+    }
+    if tally is not None:  # Ctrl-C in the middle of an epoch: where it stopped, and its sums so far
+        loss_sum, correct, count = tally.totals(distributed=False)
+        state["epoch_progress"] = {"step": tally.step, "count": count, "loss_sum": loss_sum,
+                                   "correct": int(correct), "seconds": tally.seconds}
+    return state
+
+
+def _restore(checkpoint, model, optimizer, scheduler, lr_factor) -> tuple[int, list, EpochTally | None]:
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    # The schedule may have been lengthened (more epochs than before): set this step's rate from the new one.
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * lr_factor(scheduler.last_epoch)
+    progress = checkpoint.get("epoch_progress")
+    tally = EpochTally(step=progress["step"], count=progress["count"], loss_sum=progress["loss_sum"],
+                       correct=progress["correct"], seconds=progress["seconds"]) if progress else None
+    return checkpoint["epoch"], list(checkpoint.get("history") or []), tally
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------------------------------------------
+
+def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, *,
+        config: TrainConfig | None = None, class_names=None, checkpoint_path: str | os.PathLike | None = None,
+        resume: bool = False, stop_after_epoch: int | None = None, time_limit_s: float | None = None,
+        progress: bool = True, metadata: dict | None = None) -> list[dict[str, float]]:
+    """Train `model` for `epochs` (or `config.epochs`), evaluating after each epoch. Returns the history: one
+    dict per epoch with train/test loss and accuracy, learning rate, images/s and seconds.
+
+    - `checkpoint_path`: written atomically (by rank 0) every `config.checkpoint_every` epochs and at the end.
+    - `resume=True`: continue from `checkpoint_path`; from an end-of-epoch checkpoint the result is identical
+      to an uninterrupted run.
+    - `stop_after_epoch` / `time_limit_s`: end this session early (after that epoch / the first epoch that ends
+      past the limit) without shortening the schedule; `resume=True` later finishes it.
+    - Ctrl-C (single process): the current step finishes, a checkpoint of this mid-epoch state is written and
+      KeyboardInterrupt is raised. Resuming it re-reads the interrupted epoch's first batches without training
+      on them, so data order and augmentations continue as in an uninterrupted run; only randomness inside the
+      model (dropout) differs. Under torchrun Ctrl-C stops the processes; the last end-of-epoch checkpoint stays.
+    - A NaN or infinite loss raises NonFiniteLossError and leaves the last checkpoint as it was.
+    """
+    config = dataclasses.replace(config or TrainConfig(), **({"epochs": epochs} if epochs else {}))
+    rank, world_size = distributed_info()
+    device = resolve_device(config.device)
+    _enable_fast_math(device)
+    model = unwrap_model(model).to(device)
+    optimizer = build_optimizer(model, config, device)
+    steps_per_epoch = len(train_loader)
+    total_steps = config.epochs * steps_per_epoch
+    lr_factor = warmup_cosine(count_warmup_steps(config, steps_per_epoch, total_steps), total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    start_epoch, history, tally = 0, [], None
+    if resume and checkpoint_path is None:
+        raise ValueError("resume=True needs checkpoint_path: the checkpoint to continue from.")
+    if resume:
+        start_epoch, history, tally = _restore(load_checkpoint(checkpoint_path, device), model, optimizer,
+                                               scheduler, lr_factor)
+    train_model, eval_model = _wrap_for_training(model, device, config, world_size)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    eval_loader, eval_distributed = evaluation_loader(test_loader, rank, world_size)
+    save = _saver(rank, checkpoint_path, optimizer, scheduler, config, class_names, metadata)
+    started = time.perf_counter()
+    with GracefulStop(enabled=world_size == 1) as stop:
+        for epoch in range(start_epoch, config.epochs):
+            epoch_started = time.perf_counter()
+            seed = epoch_seed(config.seed, rank, epoch)
+            seed_everything(seed)
+            _set_epoch(train_loader, epoch, seed)
+            try:
+                tally = train_one_epoch(train_model, train_loader, optimizer, scheduler, loss_fn, device, config,
+                                        epoch, tally, stop, progress)
+            except NonFiniteLossError as error:
+                written = checkpoint_path is not None and Path(checkpoint_path).is_file()
+                kept = f"the last good checkpoint, {checkpoint_path}, is unchanged" if written else \
+                    "no checkpoint had been written yet"
+                raise NonFiniteLossError(f"{error} Training stopped; {kept}.") from None
+            if tally.step < steps_per_epoch:  # Ctrl-C
+                save(model, epoch, history, tally)
+                raise KeyboardInterrupt(f"stopped in epoch {epoch + 1} after step {tally.step}"
+                                        + (f"; checkpoint saved to {checkpoint_path}" if checkpoint_path else ""))
+            record = _epoch_record(epoch, tally, evaluate(eval_model, eval_loader, device, config.amp,
+                                                          eval_distributed), scheduler, world_size, epoch_started)
+            history.append(record)
+            tally = None
+            if rank == 0 and progress:
+                tqdm.write(_summary_line(record, config.epochs))
+            stopping = stop.requested or _should_stop(epoch, stop_after_epoch, time_limit_s, started, world_size)
+            if stopping or epoch + 1 == config.epochs or (epoch + 1) % config.checkpoint_every == 0:
+                save(model, epoch + 1, history)
+            if stop.requested:  # Ctrl-C during the epoch's last step: the epoch is complete and saved
+                raise KeyboardInterrupt(f"stopped after epoch {epoch + 1}"
+                                        + (f"; checkpoint saved to {checkpoint_path}" if checkpoint_path else ""))
+            if stopping:
+                break
+    return history
+
+
+def _wrap_for_training(model, device, config, world_size):
+    """(model to train: DDP and/or compiled, model to evaluate: compiled or not). Both share the parameters."""
+    train_model = model
+    if world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    compile_model = config.compile if config.compile is not None else device.type == "cuda"
+    if not compile_model:
+        return train_model, model
+    return (torch.compile(train_model, mode=config.compile_mode),
+            torch.compile(model, mode=config.compile_mode))
+
+
+def _saver(rank, checkpoint_path, optimizer, scheduler, config, class_names, metadata):
+    def save(model, epoch, history, tally=None):
+        if rank == 0 and checkpoint_path is not None:
+            save_checkpoint(_checkpoint_state(model, optimizer, scheduler, config, epoch, history, class_names,
+                                              metadata, tally), checkpoint_path)
+
+    return save
+
+
+def _epoch_record(epoch, tally, test, scheduler, world_size, epoch_started) -> dict[str, float]:
+    loss_sum, correct, count = tally.totals(world_size > 1)
+    if not math.isfinite(loss_sum):  # the check inside the epoch runs every log_every steps; this catches the rest
+        raise NonFiniteLossError(f"the training loss became {loss_sum / count} in epoch {epoch + 1}; "
+                                 f"training stopped and the last checkpoint is unchanged.")
+    return {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / count,
+        "train_accuracy": correct / count,
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "lr": scheduler.get_last_lr()[0],
+        "images_per_second": count / max(tally.seconds, 1e-9),  # every process's images together
+        "seconds": time.perf_counter() - epoch_started,
+    }
+
+
+def _summary_line(record: dict[str, float], epochs: int) -> str:
+    return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} acc "
+            f"{record['train_accuracy']:.4f} | test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}"
+            f" | lr {record['lr']:.2e} | {record['images_per_second']:.0f} img/s | {record['seconds']:.1f} s")
+
+
+def _should_stop(epoch, stop_after_epoch, time_limit_s, started, world_size) -> bool:
+    stop = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
+    stop = stop or (time_limit_s is not None and time.perf_counter() - started > time_limit_s)
+    if world_size > 1:  # the clocks differ between ranks: stop if any rank says so
+        flag = torch.tensor(float(stop), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    return stop
