@@ -754,8 +754,11 @@ def make_dataloaders(data_dir, image_size: int = 224, batch_size: int = 32, test
         raise ValueError(f"the training set has {len(sampler)} images per process, fewer than batch_size "
                          f"{batch_size}: lower batch_size.")
     workers = default_num_workers(len(train_set)) if num_workers is None else num_workers
+    # Workers are restarted each epoch (persistent_workers=False): the training engine reseeds the loader's
+    # generator per epoch, and fresh workers take their random streams from it, so a resumed run draws the same
+    # augmentations as an uninterrupted one. Persistent workers would keep streams that a resume cannot restore.
     common = dict(batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                  persistent_workers=workers > 0)
+                  persistent_workers=False)
     train_loader = DataLoader(train_set, sampler=sampler, drop_last=True,
                               generator=torch.Generator().manual_seed(seed), **common)
     test_loader = DataLoader(test_set, shuffle=False, **common)
