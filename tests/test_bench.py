@@ -10,14 +10,7 @@ from vit_helpers.cli import main
 from vit_helpers.model import ViTConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These models are tiny: one thread runs them fastest, and does not stall when another process holds the
-    other core (each op of a two-thread pool would wait for a thread that is not scheduled)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = ["--model", "ViT-Ti/16", "--image-size", "32", "--num-classes", "10", "--batch-size", "2", "--steps", "1",

@@ -30,14 +30,7 @@ from vit_helpers.training import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These models are tiny: one thread runs them fastest, and does not stall when another process holds the
-    other core (each op of a two-thread pool would wait for a thread that is not scheduled)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 NUM_CLASSES = 4
