@@ -2,11 +2,14 @@
 
 Modules, one per concern:
 - `model`: the ViT itself, in the order of the paper's equations (Eqs. 1-4, Table 1).
-- `weights`: conversion to and from torchvision, timm and the official JAX checkpoints.
+- `weights`: conversion to and from torchvision, timm and the official JAX checkpoints; pretrained loading.
 - `data`: Animals-10 from Kaggle, the shipped sample, CIFAR-10, and the data loaders.
-- `training`: the training engine (`fit`), checkpoints, multi-GPU.
+- `gpu_data`: the fast path: images decoded once, kept on the GPU and augmented there.
+- `training`: the training engine (`fit`), checkpoints, multi-GPU; `recipes`: named configurations.
+- `plots`: training figures (curves, confusion matrix, predictions).
 - `analysis`: looking inside a trained ViT (attention maps, rollout, Figure 7).
-- `python -m vit_helpers`: the command line (train, bench, download).
+- `bench`: throughput and MFU against timm and torchvision.
+- `python -m vit_helpers`: the command line (`cli`: train, bench, download).
 """
 
 from vit_helpers.model import (
