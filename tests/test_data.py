@@ -308,6 +308,33 @@ def test_an_offline_download_leaves_nothing_half_written(tmp_path, kaggle_api, m
     assert list(data_dir.iterdir()) == []
 
 
+def test_find_animals10_says_why_and_never_raises(tmp_path, kaggle_zip, kaggle_api, monkeypatch):
+    """What the notebooks use to choose Animals-10 or the shipped sample."""
+    dest = tmp_path / "data" / "animals10"
+    monkeypatch.delenv("KAGGLE_USERNAME")
+    assert data.find_animals10(dest) == (None, "no Kaggle credentials were found, so Animals-10 cannot be downloaded")
+    monkeypatch.setenv("KAGGLE_USERNAME", "student")
+    folder, why = data.find_animals10(dest, download=False)
+    assert folder is None and "not prepared" in why
+
+    def offline(self, dataset, path=None, **kwargs):
+        import requests
+        raise requests.exceptions.ConnectionError("Failed to resolve 'www.kaggle.com'")
+
+    monkeypatch.setattr(kaggle_api, "dataset_download_files", offline)
+    folder, why = data.find_animals10(dest)
+    assert folder is None and why.startswith("downloading Animals-10 failed")
+
+    def download(self, dataset, path=None, **kwargs):
+        (Path(path) / "animals10.zip").write_bytes(kaggle_zip.read_bytes())
+
+    monkeypatch.setattr(kaggle_api, "dataset_download_files", download)
+    with pytest.warns(UserWarning, match="differs"):
+        assert data.find_animals10(dest) == (dest, "Animals-10 was downloaded with the credentials from "
+                                                   "KAGGLE_USERNAME and KAGGLE_KEY")
+    assert data.find_animals10(dest) == (dest, f"Animals-10 is prepared in {dest}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # CIFAR-10 and names
 # --------------------------------------------------------------------------------------------------------------

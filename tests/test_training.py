@@ -341,3 +341,18 @@ def test_resume_is_exact_with_augmenting_dataloader_workers(tmp_path):
     resumed = run(tmp_path / "split.pt", resume=True)
     assert without_timings(resumed) == without_timings(straight)
     assert_same_tensors(load_checkpoint(tmp_path / "straight.pt")["model"], load_checkpoint(tmp_path / "split.pt")["model"])
+
+
+def test_a_recipe_builds_the_model_and_training_configs_it_names():
+    from vit_helpers.recipes import RECIPES, get_recipe
+
+    for name, recipe in RECIPES.items():
+        model_config = recipe.model_config(num_classes=10)
+        assert model_config == ViTConfig.named(recipe.model, **recipe.model_overrides, image_size=recipe.image_size,
+                                               num_classes=10), name
+        train_config = recipe.train_config(seed=7)
+        assert (train_config.epochs, train_config.batch_size, train_config.lr, train_config.weight_decay,
+                train_config.warmup_epochs, train_config.label_smoothing, train_config.checkpoint_every,
+                train_config.seed) == (recipe.epochs, recipe.batch_size, recipe.lr, recipe.weight_decay,
+                                       recipe.warmup_epochs, recipe.label_smoothing, recipe.checkpoint_every, 7)
+    assert get_recipe("demo", "cuda").model_config(10).embed_dim == 384  # the GPU variant is ViT-S/4

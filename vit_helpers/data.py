@@ -365,6 +365,24 @@ def is_prepared(folder: str | Path) -> bool:
     return (Path(folder) / PREPARED_MARKER).is_file()
 
 
+def find_animals10(folder: str | Path | None = None, download: bool = True) -> tuple[Path | None, str]:
+    """(folder, why) when Animals-10 can be used now: already prepared, or downloaded with the user's Kaggle
+    credentials. (None, why) otherwise, never raising: notebooks fall back to the shipped sample and print why."""
+    folder = Path(folder) if folder is not None else DATA_ROOT / "animals10"
+    if is_prepared(folder):
+        return folder, f"Animals-10 is prepared in {folder}"
+    credentials = kaggle_credentials_source()
+    if credentials is None:
+        return None, "no Kaggle credentials were found, so Animals-10 cannot be downloaded"
+    if not download:
+        return None, f"Animals-10 is not prepared in {folder} (credentials found in {credentials})"
+    try:
+        download_animals10(folder, quiet=True)
+    except DatasetError as error:  # offline, refused, or a broken archive: the message says what to do
+        return None, f"downloading Animals-10 failed: {str(error).splitlines()[0]}"
+    return folder, f"Animals-10 was downloaded with the credentials from {credentials}"
+
+
 def _animals10_entry(name: str) -> tuple[str, str] | str | None:
     """Where an archive member belongs: (english class, file name); a string saying why it is unsafe; or None
     for members that are simply not images of the ten classes (translate.py, folders, stray files)."""

@@ -11,6 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from vit_helpers.model import ViTConfig
+from vit_helpers.training import TrainConfig
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -31,6 +34,18 @@ class Recipe:
     cpu_threads: int | None = None  # torch threads when training on the CPU; None leaves PyTorch's default
     checkpoint_every: int = 1  # epochs between checkpoints (the last one is always written)
     on_gpu: dict[str, Any] = field(default_factory=dict)  # fields replaced when training on a CUDA GPU
+
+    def model_config(self, num_classes: int) -> ViTConfig:
+        """The recipe's ViT for a data set of `num_classes` classes."""
+        return ViTConfig.named(self.model, **self.model_overrides, image_size=self.image_size,
+                               num_classes=num_classes)
+
+    def train_config(self, **overrides) -> TrainConfig:
+        """The recipe's optimisation as a `training.TrainConfig`; `overrides` set any other of its fields."""
+        settings = dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                        warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing,
+                        checkpoint_every=self.checkpoint_every)
+        return TrainConfig(**{**settings, **overrides})
 
     def for_device(self, device_type: str) -> "Recipe":
         """The recipe as it runs on `device_type` ("cpu" or "cuda"): `on_gpu` applied on CUDA."""
