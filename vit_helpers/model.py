@@ -62,9 +62,10 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size != 0:
+            below = self.patch_size * max(1, self.image_size // self.patch_size)
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}: "
-                f"choose an image size such as {self.patch_size * max(1, self.image_size // self.patch_size)}."
+                f"choose {below} or {below + self.patch_size}, or another patch size."
             )
         if self.embed_dim % self.num_heads != 0:
             raise ValueError(
