@@ -646,3 +646,14 @@ def test_rank_sharding_covers_the_test_set_exactly_once(tmp_path):
         train_indices.append(list(train.sampler))
     assert len(train_indices[0]) == len(train_indices[1]) == 9
     assert sorted(sum(train_indices, [])) == list(range(18))  # 18 images split evenly, none twice
+
+
+def test_example_photo_is_the_square_portrait_at_any_size():
+    photo = data.example_photo(224)
+    assert photo.shape == (3, 224, 224) and photo.dtype == torch.float32
+    assert 0.0 <= photo.min() and photo.max() <= 1.0 and photo.std() > 0.1  # a real photo, not a blank
+    small = data.example_photo(32)
+    assert small.shape == (3, 32, 32)
+    # The same picture: the large one shrunk is close to the small one.
+    shrunk = torch.nn.functional.interpolate(photo[None], size=32, mode="area")[0]
+    assert (shrunk - small).abs().mean() < 0.05

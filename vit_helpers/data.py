@@ -671,6 +671,17 @@ def _augment_policy(augment: bool | str | None) -> str:
     raise ValueError(f"augment must be True, False, 'basic' or 'strong', got {augment!r}.")
 
 
+def example_photo(size: int = 224) -> torch.Tensor:
+    """Grace Hopper's portrait, which ships with matplotlib (so it is there offline): the top square (her face
+    and cap) resized to size x size with bicubic filtering. Returns (3, size, size) float32 in [0, 1]."""
+    from matplotlib import cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as file:
+        photo = Image.open(file).convert("RGB")  # 512 wide, 600 high
+    photo = photo.crop((0, 0, photo.width, photo.width)).resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1).float() / 255  # (channels, height, width)
+
+
 def denormalize(images: torch.Tensor, mean=NORMALIZE_MEAN, std=NORMALIZE_STD) -> torch.Tensor:
     """Undo the normalisation for display: (..., 3, H, W) -> values in [0, 1]. For matplotlib, permute(1, 2, 0)."""
     mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
