@@ -149,12 +149,7 @@ def model_config(settings: dict, num_classes: int) -> ViTConfig:
 
 
 def train_config(settings: dict) -> training.TrainConfig:
-    return training.TrainConfig(
-        epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
-        weight_decay=settings["weight_decay"], warmup_epochs=settings["warmup_epochs"],
-        label_smoothing=settings["label_smoothing"], compile=settings["compile"],
-        compile_mode=settings.get("compile_mode"), seed=settings["seed"], device=settings["device"],
-        checkpoint_every=settings.get("checkpoint_every", 1))
+    return training.TrainConfig.from_settings(settings)
 
 
 def resumed_settings(args, checkpoint_path: Path) -> dict:

@@ -42,10 +42,7 @@ class Recipe:
 
     def train_config(self, **overrides) -> TrainConfig:
         """The recipe's optimisation as a `training.TrainConfig`; `overrides` set any other of its fields."""
-        settings = dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                        warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing,
-                        checkpoint_every=self.checkpoint_every)
-        return TrainConfig(**{**settings, **overrides})
+        return dataclasses.replace(TrainConfig.from_settings(dataclasses.asdict(self)), **overrides)
 
     def for_device(self, device_type: str) -> "Recipe":
         """The recipe as it runs on `device_type` ("cpu" or "cuda"): `on_gpu` applied on CUDA."""

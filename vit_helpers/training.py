@@ -71,6 +71,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> "TrainConfig":
+        """The TrainConfig of a run described by `settings` (a recipe's fields, the CLI's settings): the entries
+        named like a TrainConfig field are taken, every other entry (model, data, ...) is not this config's."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in settings.items() if name in names})
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Devices and processes
