@@ -110,10 +110,21 @@ def test_analytic_flops_equal_pytorchs_flop_counter():
     model = ViT(config).eval()
     for block in model.blocks:
         block.attn.fused = False
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.randn(3, 3, 32, 32))
-    assert counter.get_total_flops() == 3 * config.forward_flops()
+    images = torch.randn(3, 3, 32, 32)
+    every_token = FlopCounterMode(display=False)
+    with every_token, torch.no_grad():
+        model.head(model.forward_features(images)[:, 0])
+    assert every_token.get_total_flops() == 3 * config.forward_flops()
+    # forward() skips the last layer's work on the tokens that Eq. 4 does not read, and nothing else.
+    class_token_only = FlopCounterMode(display=False)
+    with class_token_only, torch.no_grad():
+        model(images)
+    assert class_token_only.get_total_flops() == 3 * 2 * (config.forward_macs() - config.unread_macs())
+
+
+def test_vit_b16_unread_share():
+    config = ViTConfig.named("ViT-B/16")
+    assert round(config.unread_macs() / config.forward_macs(), 3) == 0.069  # one layer in 12, less its keys/values
 
 
 # --- Eq. 1: patch embedding ----------------------------------------------------------------------------------
@@ -215,6 +226,29 @@ def test_forward_reads_the_class_token_of_the_final_layernorm():
     torch.testing.assert_close(model(images), model.head(features[:, 0]))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_class_token_only_last_layer_gives_the_same_logits_and_gradients(fused):
+    """forward() computes only z_L^0 in the last layer; the logits and every gradient equal the full computation."""
+    model = randomise_(ViT(tiny_config(num_layers=3)))
+    for block in model.blocks:
+        block.attn.fused = fused
+    images = torch.randn(4, 3, 32, 32)
+    weights = torch.randn(4, 7)  # a loss that weighs every logit differently
+
+    def gradients(logits_of):
+        model.zero_grad()
+        logits = logits_of(images)
+        (logits * weights).sum().backward()
+        return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    fast_logits, fast = gradients(model)
+    full_logits, full = gradients(lambda x: model.head(model.forward_features(x)[:, 0]))
+    torch.testing.assert_close(fast_logits, full_logits, rtol=1e-5, atol=1e-5)
+    assert fast.keys() == full.keys()
+    for name in full:
+        torch.testing.assert_close(fast[name], full[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_attention_maps_one_per_layer_and_consistent_with_forward():
     model = randomise_(ViT(tiny_config())).eval()
     images = torch.randn(2, 3, 32, 32)
@@ -259,3 +293,18 @@ def test_every_parameter_gets_a_gradient():
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+def test_compiles_as_one_graph_without_breaks():
+    """torch.compile(fullgraph=True) fails on any graph break, each of which would cost speed on a GPU.
+    aot_eager traces forward and backward as inductor would, without generating code (seconds, on any CPU)."""
+    torch._dynamo.reset()
+    model = randomise_(ViT(tiny_config()))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    images = torch.randn(2, 3, 32, 32)
+    logits = compiled(images)
+    logits.sum().backward()
+    torch.testing.assert_close(logits, model(images))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(images), model.eval()(images))
+    torch._dynamo.reset()
