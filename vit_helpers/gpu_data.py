@@ -188,6 +188,15 @@ def colour_ops(images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor) -> 
     return torch.where(chosen("autocontrast") & (high > low), stretched, out)
 
 
+def send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`, without making the CPU wait. A plain copy from ordinary CPU memory to a GPU
+    waits for every kernel already queued (PyTorch synchronises the stream); once per batch, that stall would let
+    the GPU run dry while the CPU queues the next step. A copy from pinned (page-locked) memory does not wait."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)  # PyTorch keeps the pinned buffer until it is copied
+
+
 class DeviceAugment:
     """uint8 (B, 3, S, S) on any device -> float32 normalised, augmented with `policy` ("none", "basic", "strong").
     Random numbers come from a CPU generator, so results depend on (seed, epoch), not on the device."""
@@ -208,10 +217,10 @@ class DeviceAugment:
                 ops = torch.randint(len(RANDAUGMENT_OPS), (2, batch), generator=generator)
                 signs = torch.where(torch.rand(2, batch, generator=generator) < 0.5, -1.0, 1.0)
                 matrices = matrices @ geometric_op_matrices(ops[0], signs[0]) @ geometric_op_matrices(ops[1], signs[1])
-            grid = F.affine_grid(matrices[:, :2].to(device), list(x.shape), align_corners=False)  # (B, S, S, 2)
+            grid = F.affine_grid(send(matrices[:, :2], device), list(x.shape), align_corners=False)  # (B, S, S, 2)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
             if self.policy == "strong":
-                ops, signs = ops.to(device), signs.to(device)
+                ops, signs = send(ops, device), send(signs, device)
                 x = colour_ops(colour_ops(x, ops[0], signs[0]), ops[1], signs[1])
         return (x - self.mean) / self.std
 
@@ -284,15 +293,15 @@ class CachedImageLoader:
 
     def __iter__(self):
         order = torch.tensor(list(self.sampler), dtype=torch.int64)
-        epoch_rows = self.rows[order].to(self.images.device)  # this epoch's store rows, in order
+        epoch_rows = self.rows[order]  # this epoch's store rows, in order
+        epoch_labels = self.targets[send(epoch_rows, self.targets.device)]
+        epoch_rows = send(epoch_rows, self.images.device)
         # An independent stream per (seed, epoch, rank): resuming at an epoch replays it exactly.
         stream = np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(stream))
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            rows = epoch_rows[start:start + self.batch_size]
-            images = self._gather(rows)
-            labels = self.targets[rows.to(self.targets.device)]
-            yield self.augment(images, generator), labels
+            images = self._gather(epoch_rows[start:start + self.batch_size])
+            yield self.augment(images, generator), epoch_labels[start:start + self.batch_size]
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         """The images of `rows` on the device: uint8 (B, 3, S, S)."""
