@@ -14,7 +14,8 @@ Checks (`--checks`, comma-separated; all by default):
   cifar   the `cifar10` recipe under a time budget: test accuracy and wall time. Target: >= 90% in 10 minutes.
 
 The JPEGs come from the CIFAR-10 archive (`--cifar-archive`, default ../shared/data/cifar10-jpeg.tar.gz) unpacked
-into the git-ignored folder .bench_data/. Nothing is downloaded. Needs torch, torchvision (and timm to compare).
+into the git-ignored folder .bench_data/ (or --work-dir). Nothing is downloaded. Needs torch, torchvision (and
+timm to compare).
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--implementations", default="ours,timm,torchvision")
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile measurements")
+    parser.add_argument("--modes", default="train,inference", help="for the models check: train, inference or both")
     parser.add_argument("--cifar-archive", type=Path, default=REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
+    parser.add_argument("--work-dir", type=Path, default=BENCH_DATA,
+                        help="where the JPEG folders are unpacked (default: the git-ignored .bench_data/)")
     parser.add_argument("--data-images-per-class", type=int, default=1000,
                         help="training JPEGs per class for the data check (10 classes)")
     parser.add_argument("--cifar-minutes", type=float, default=10.0, help="time budget of the cifar check")
@@ -127,7 +131,7 @@ def check_models(args, device, results) -> list[tuple]:
     compiled_options = [False] if args.no_compiled or (args.smoke and device.type == "cpu") else [False, True]
     for compiled in compiled_options:
         found, context = bench.run_bench(args.model, args.batch_size, image_size=args.image_size,
-                                         compare=compare, steps=args.steps,
+                                         compare=compare, steps=args.steps, modes=bench.parse_modes(args.modes),
                                          warmup_steps=2 if args.smoke else 5, device=str(device), compile=compiled)
         print(bench.format_table(found, context), flush=True)
         measured += [asdict(result) for result in found]
@@ -183,17 +187,37 @@ def training_images_per_second(model, loader, device, config, warmup_steps: int,
     return tally.count / tally.seconds
 
 
+def loader_stays_asynchronous(loader, device, batches: int = 3) -> tuple[str, str, str]:
+    """(value, target, verdict): whether a few batches come out of `loader` without the CPU ever waiting for the
+    GPU. CUDA's sync debug mode turns every synchronisation (a blocking copy, .item(), ...) into an error."""
+    if device.type != "cuda":
+        return "CUDA only", "none", ""
+    loader.set_epoch(0)
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _, (images, labels) in zip(range(batches), loader):
+            pass
+        verdict, value = "PASS", f"{batches} batches, no sync"
+    except RuntimeError as error:
+        verdict, value = "FAIL", f"synchronised: {str(error)[:80]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return value, "none", verdict
+
+
 def check_data(args, device, results) -> list[tuple]:
     from vit_helpers.gpu_data import make_cached_loaders
 
     image_size = 32 if args.smoke else 224
     per_class = args.data_images_per_class
-    folder = unpack_cifar_jpegs(args.cifar_archive, BENCH_DATA / f"cifar10-jpeg-{per_class}-per-class",
+    folder = unpack_cifar_jpegs(args.cifar_archive, args.work_dir / f"cifar10-jpeg-{per_class}-per-class",
                                 train_per_class=per_class, test_per_class=max(1, per_class // 10))
     started = time.perf_counter()
     train_loader, _, classes = make_cached_loaders(folder, image_size=image_size, batch_size=args.batch_size,
                                                    device=device, augment=True)
     cache_seconds = time.perf_counter() - started
+    rows = [("data", "batches without a host-device sync", *loader_stays_asynchronous(train_loader, device))]
     config = training.TrainConfig(device=str(device), log_every=50)
     model = ViT(ViTConfig.named(args.model, image_size=image_size, num_classes=len(classes))).to(device)
     compiled = device.type == "cuda" and not args.no_compiled
@@ -211,7 +235,7 @@ def check_data(args, device, results) -> list[tuple]:
                        "synthetic_images_per_second": synthetic, "cached_loader_images_per_second": cached,
                        "ratio": ratio, "cache_build_seconds": cache_seconds, "train_images": len(train_loader.dataset)}
     where = f"{args.model} {image_size}px {'compiled' if compiled else 'eager'}"
-    return [("data", f"synthetic input, {where}", f"{synthetic:,.0f} img/s", "", ""),
+    return rows + [("data", f"synthetic input, {where}", f"{synthetic:,.0f} img/s", "", ""),
             ("data", "JPEG folder via make_cached_loaders", f"{cached:,.0f} img/s", "", ""),
             ("data", "cached / synthetic", f"{100 * ratio:.0f}%", ">= 90%", "PASS" if ratio >= 0.9 else "FAIL"),
             ("data", "decode + cache build", f"{cache_seconds:.0f} s", "", "")]
@@ -223,7 +247,7 @@ def check_cifar(args, device, results) -> list[tuple]:
     recipe = get_recipe("cifar10", device.type)
     per_class = 8 if args.smoke else None
     name = "cifar10-jpeg-smoke" if args.smoke else "cifar10-jpeg"
-    folder = unpack_cifar_jpegs(args.cifar_archive, BENCH_DATA / name, train_per_class=per_class,
+    folder = unpack_cifar_jpegs(args.cifar_archive, args.work_dir / name, train_per_class=per_class,
                                 test_per_class=per_class)
     batch_size = 16 if args.smoke else recipe.batch_size
     epochs = args.cifar_epochs or recipe.epochs
@@ -278,15 +302,23 @@ def main(argv=None) -> int:
         rows.append((check, "check wall time", f"{time.perf_counter() - started:.0f} s", "", ""))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if args.json:  # after every check, so a run cut short by a time limit keeps what it measured
+            save_results(args.json, results | {"summary": rows})
     if args.smoke:  # tiny sizes: the numbers only show that every check runs
         rows = [row[:4] + ("(smoke)" if row[4] in ("PASS", "FAIL") and row[1] != "error" else row[4],)
                 for row in rows]
     print_table(rows)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results | {"summary": rows}, indent=2, default=str))
+        save_results(args.json, results | {"summary": rows})
         print(f"saved {args.json}")
     return 1 if failed else 0
+
+
+def save_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(results, indent=2, default=str))
+    temporary.replace(path)
 
 
 def print_table(rows: list[tuple]) -> None:

@@ -1,0 +1,94 @@
+"""scripts/gpu_checks.py, the one script every GPU session runs: it must work the first time on the device, so
+its `--smoke` mode runs every check here on the CPU, on a small archive laid out like the CIFAR-10 JPEG one."""
+
+import importlib.util
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_checks.py"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(scope="module")
+def gpu_checks():
+    spec = importlib.util.spec_from_file_location("gpu_checks", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def jpeg_bytes(seed: int) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=generator).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    """cifar10/{train,test}/<class>/<n>.jpg, 10 per class and split, plus entries that must be ignored."""
+    path = tmp_path_factory.mktemp("archive") / "cifar10-jpeg.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            for label, name in enumerate(CLASSES):
+                for index in range(10):
+                    add_file(tar, f"cifar10/{split}/{name}/{index:04d}.jpg", jpeg_bytes(label * 100 + index))
+        add_file(tar, "cifar10/README.txt", b"not an image")
+        add_file(tar, "cifar10/train/cat/.DS_Store", b"hidden")
+        add_file(tar, "../../escaped/train/cat/9999.jpg", jpeg_bytes(9999))  # a name that points outside dest
+    return path
+
+
+def test_unpack_keeps_the_split_class_file_layout_and_stays_inside(gpu_checks, archive, tmp_path):
+    dest = gpu_checks.unpack_cifar_jpegs(archive, tmp_path / "work" / "cifar", train_per_class=4, test_per_class=2)
+    files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert len(files) == 10 * (4 + 2)
+    assert {f.split("/")[0] for f in files} == {"train", "test"}
+    assert {f.split("/")[1] for f in files} == set(CLASSES)
+    assert not any(".DS_Store" in f or "README" in f for f in files)
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and dest not in p.parents]
+    assert outside == []
+    assert not (tmp_path / "work" / "cifar.partial").exists()  # the staging folder was renamed
+
+
+def test_smoke_run_measures_every_check_and_saves_them(gpu_checks, archive, tmp_path, capsys):
+    results_path = tmp_path / "results.json"
+    code = gpu_checks.main(["--smoke", "--device", "cpu", "--cifar-archive", str(archive),
+                            "--work-dir", str(tmp_path / "work"), "--json", str(results_path)])
+    output = capsys.readouterr().out
+    assert code == 0, output
+    results = json.loads(results_path.read_text())
+    assert results["matmul_ceiling_tflops"] > 0
+    measured = {(r["implementation"], r["mode"]) for r in results["models"]["results"] if r["images_per_second"]}
+    assert {("ours", "train"), ("ours", "inference")} <= measured
+    assert results["data"]["synthetic_images_per_second"] > 0 and results["data"]["ratio"] > 0
+    assert results["cifar"]["epochs_done"] == 1 and 0 <= results["cifar"]["test_accuracy"] <= 1
+    checks = {row[0] for row in results["summary"]}
+    assert checks == {"matmul", "models", "data", "cifar"}
+    assert not [row for row in results["summary"] if row[1] == "error"]
+    table = output[output.rindex("\ncheck "):].splitlines()[1:]  # the summary printed at the end
+    assert table[0].split() == ["check", "measurement", "value", "target", "verdict"]
+    assert [line.split()[0] for line in table[1:] if line.strip() and not line.startswith("saved")] == \
+        [row[0] for row in results["summary"]]
+
+
+def test_unknown_check_is_refused(gpu_checks, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_checks.main(["--checks", "matmul,speed"])
+    assert exit_info.value.code == 2
+    assert "unknown check(s) speed" in capsys.readouterr().err
