@@ -8,7 +8,8 @@
 Checks (`--checks`, comma-separated; all by default):
   matmul  the matrix-multiply ceiling: bf16 8192^3 on CUDA (float32 1024^3 on the CPU)
   models  ViT-B/16 training and inference images/s at batch 256 under bf16 autocast, ours vs timm vs
-          torchvision, eager and compiled, with TFLOP/s and MFU against the ceiling
+          torchvision (and ours computing every token, to show what ViT.forward's skipping gains), eager and
+          compiled, with TFLOP/s and MFU against the ceiling
   data    the data fast path: end-to-end training images/s at 224 px from a folder of JPEGs through
           `make_cached_loaders` (decoded once, augmented on the GPU), against synthetic input. Target: >= 90%.
   cifar   the `cifar10` recipe under a time budget: test accuracy and wall time. Target: >= 90% in 10 minutes.
@@ -54,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, help="for the models check (default: the model's, 224)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
-    parser.add_argument("--implementations", default="ours,timm,torchvision")
+    parser.add_argument("--implementations", default="ours,ours-all-tokens,timm,torchvision",
+                        help="for the models check; ours-all-tokens shows what skipping Eq. 4's unread tokens gains")
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile measurements")
     parser.add_argument("--modes", default="train,inference", help="for the models check: train, inference or both")
     parser.add_argument("--cifar-archive", type=Path, default=REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")

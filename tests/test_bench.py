@@ -43,7 +43,14 @@ def test_compared_models_have_exactly_our_parameter_count():
     config = ViTConfig.named("ViT-S/16", image_size=64, num_classes=7)
     counts = {name: sum(p.numel() for p in bench.build_model(name, config).parameters())
               for name in bench.IMPLEMENTATIONS}
-    assert counts["timm"] == counts["ours"] == counts["torchvision"]
+    assert counts["timm"] == counts["ours"] == counts["torchvision"] == counts["ours-all-tokens"]
+
+
+def test_ours_all_tokens_is_the_same_function():
+    model = bench.build_model("ours-all-tokens", ViTConfig.named("ViT-Ti/8", image_size=32, num_classes=5))
+    torch.nn.init.normal_(model.vit.head.weight)  # a zero head would make any two models agree
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(images), model.vit(images), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_implementation_gives_one_line_and_exit_code_2(capsys):

@@ -31,7 +31,9 @@ from torch import nn
 from vit_helpers.model import ViT, ViTConfig
 from vit_helpers.training import resolve_device
 
-IMPLEMENTATIONS = ("ours", "timm", "torchvision")
+#: "ours-all-tokens" is our ViT computing every token in the last layer, as timm and torchvision do: measured beside
+#: "ours", it shows how much of our speed comes from skipping what Eq. 4 never reads (`ViT.forward`).
+IMPLEMENTATIONS = ("ours", "ours-all-tokens", "timm", "torchvision")
 MODES = ("train", "inference")
 
 
@@ -52,7 +54,8 @@ def parse_names(text: str) -> list[str]:
     names = [name.strip().lower() for name in (text or "").split(",") if name.strip()]
     unknown = sorted(set(names) - set(IMPLEMENTATIONS))
     if unknown:
-        raise ValueError(f"--compare: unknown implementation(s) {', '.join(unknown)}; choose from timm, torchvision.")
+        raise ValueError(f"--compare: unknown implementation(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(IMPLEMENTATIONS[1:])}.")
     return [name for name in names if name != "ours"]
 
 
@@ -63,10 +66,23 @@ def parse_modes(text: str) -> list[str]:
     return modes
 
 
+class AllTokensViT(nn.Module):
+    """Our ViT with every token computed up to the end, `head(forward_features(x)[:, 0])`: the same function."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.vit = ViT(config)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vit.head(self.vit.forward_features(images)[:, 0])
+
+
 def build_model(implementation: str, config: ViTConfig) -> nn.Module:
     """Our ViT, or timm's / torchvision's VisionTransformer with the same sizes. ImportError if not installed."""
     if implementation == "ours":
         return ViT(config)
+    if implementation == "ours-all-tokens":
+        return AllTokensViT(config)
     if implementation == "timm":
         from timm.models.vision_transformer import VisionTransformer
 
@@ -211,10 +227,10 @@ def format_table(results: list[BenchResult], context: dict) -> str:
              f"{context['forward_gflops_per_image']:.2f} GFLOPs forward / image, on {context['device']}, "
              f"{context['precision']}",
              f"matmul ceiling: {context['ceiling_flops'] / 1e12:.2f} TFLOP/s",
-             f"{'implementation':<14} {'mode':<10} {'compiled':<9} {'batch':>6} {'img/s':>10} {'ms/step':>9} "
+             f"{'implementation':<16} {'mode':<10} {'compiled':<9} {'batch':>6} {'img/s':>10} {'ms/step':>9} "
              f"{'TFLOP/s':>8} {'MFU':>7}"]
     for r in results:
-        head = f"{r.implementation:<14} {r.mode:<10} {'yes' if r.compiled else 'no':<9} {r.batch_size:>6}"
+        head = f"{r.implementation:<16} {r.mode:<10} {'yes' if r.compiled else 'no':<9} {r.batch_size:>6}"
         if r.images_per_second is None:
             lines.append(f"{head} {r.note}")
         else:

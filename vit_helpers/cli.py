@@ -103,7 +103,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-size", type=int)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
-    parser.add_argument("--compare", default="", help="also measure these implementations: timm,torchvision")
+    parser.add_argument("--compare", default="",
+                        help="also measure these implementations: timm, torchvision, ours-all-tokens (ours without "
+                             "skipping the last layer's unread tokens)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--modes", default="train,inference", help="train, inference or both")
