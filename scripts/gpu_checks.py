@@ -29,7 +29,7 @@ import sys
 import tarfile
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -66,12 +66,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="training JPEGs per class for the data check (10 classes)")
     parser.add_argument("--cifar-minutes", type=float, default=10.0, help="time budget of the cifar check")
     parser.add_argument("--cifar-epochs", type=int, help="override the recipe's epochs")
+    parser.add_argument("--cifar-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a field of the cifar10 recipe for this run, e.g. lr=2e-3 or augment=basic "
+                             "(repeatable): for tuning it on short runs")
+    parser.add_argument("--compile-mode", help="torch.compile mode for the data and cifar checks, e.g. "
+                                               "reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs")
     parser.add_argument("--json", type=Path, help="also save every result here")
     args = parser.parse_args(argv)
     args.checks = [name.strip() for name in args.checks.split(",") if name.strip()]
     unknown = set(args.checks) - set(CHECKS)
     if unknown:
         parser.error(f"unknown check(s) {', '.join(sorted(unknown))}: choose from {', '.join(CHECKS)}")
+    try:
+        with_changes(get_recipe("cifar10"), args.cifar_set)
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
     if args.smoke:  # tiny everything, so that a CPU gets through it in a minute or two
         args.model, args.batch_size, args.steps, args.data_images_per_class = "ViT-Ti/16", 4, 2, 8
         args.image_size = 32
@@ -220,10 +229,10 @@ def check_data(args, device, results) -> list[tuple]:
                                                    device=device, augment=True)
     cache_seconds = time.perf_counter() - started
     rows = [("data", "batches without a host-device sync", *loader_stays_asynchronous(train_loader, device))]
-    config = training.TrainConfig(device=str(device), log_every=50)
+    config = training.TrainConfig(device=str(device), log_every=50, compile_mode=args.compile_mode)
     model = ViT(ViTConfig.named(args.model, image_size=image_size, num_classes=len(classes))).to(device)
     compiled = device.type == "cuda" and not args.no_compiled
-    train_model = torch.compile(model) if compiled else model
+    train_model = torch.compile(model, mode=args.compile_mode) if compiled else model
     steps = min(args.steps * 2, len(train_loader) - 1)
     warmup = 1 if args.smoke else 5
     images = torch.randn(args.batch_size, 3, image_size, image_size, device=device)
@@ -243,10 +252,31 @@ def check_data(args, device, results) -> list[tuple]:
             ("data", "decode + cache build", f"{cache_seconds:.0f} s", "", "")]
 
 
+def with_changes(recipe, assignments: list[str]):
+    """`recipe` with FIELD=VALUE assignments applied, each value parsed as the field's current type."""
+    changes = {}
+    for assignment in assignments:
+        name, _, text = assignment.partition("=")
+        if not hasattr(recipe, name) or name in ("name", "on_gpu"):
+            raise ValueError(f"--cifar-set {assignment!r}: the recipe has no field {name!r}; its fields are "
+                             f"{', '.join(f.name for f in fields(recipe) if f.name not in ('name', 'on_gpu'))}.")
+        current = getattr(recipe, name)
+        if isinstance(current, dict):
+            value = json.loads(text)
+        elif isinstance(current, bool) or name == "augment":
+            value = {"true": True, "false": False}.get(text.lower(), text)
+        elif current is None:
+            value = text
+        else:
+            value = type(current)(text)
+        changes[name] = value
+    return replace(recipe, **changes)
+
+
 def check_cifar(args, device, results) -> list[tuple]:
     from vit_helpers.gpu_data import make_cached_loaders
 
-    recipe = get_recipe("cifar10", device.type)
+    recipe = with_changes(get_recipe("cifar10", device.type), args.cifar_set)
     per_class = 8 if args.smoke else None
     name = "cifar10-jpeg-smoke" if args.smoke else "cifar10-jpeg"
     folder = unpack_cifar_jpegs(args.cifar_archive, args.work_dir / name, train_per_class=per_class,
@@ -258,14 +288,12 @@ def check_cifar(args, device, results) -> list[tuple]:
                                                              batch_size=batch_size, device=device,
                                                              augment=recipe.augment)
     torch.manual_seed(0)
-    model = ViT(ViTConfig.named(recipe.model, image_size=recipe.image_size, num_classes=len(classes),
-                                **recipe.model_overrides))
-    config = training.TrainConfig(epochs=epochs, batch_size=batch_size, lr=recipe.lr,
-                                  weight_decay=recipe.weight_decay, warmup_epochs=recipe.warmup_epochs,
-                                  label_smoothing=recipe.label_smoothing, device=str(device))
+    model = ViT(recipe.model_config(num_classes=len(classes)))
+    # No checkpoints: this measures the recipe, not the disk.
+    config = recipe.train_config(epochs=epochs, batch_size=batch_size, device=str(device),
+                                 compile_mode=args.compile_mode)
     budget = args.cifar_minutes * 60
-    # Stop at the end of the first epoch past the budget, less the time already spent on the data. No
-    # checkpoints: this measures the recipe, not the disk.
+    # Stop at the end of the first epoch past the budget, less the time already spent on the data.
     history = training.fit(model, train_loader, test_loader, config=config, progress=not args.smoke,
                            time_limit_s=budget - (time.perf_counter() - started))
     wall = time.perf_counter() - started

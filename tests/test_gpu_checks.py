@@ -92,3 +92,16 @@ def test_unknown_check_is_refused(gpu_checks, capsys):
         gpu_checks.main(["--checks", "matmul,speed"])
     assert exit_info.value.code == 2
     assert "unknown check(s) speed" in capsys.readouterr().err
+
+
+def test_recipe_changes_are_parsed_as_the_fields_types(gpu_checks, capsys):
+    from vit_helpers.recipes import get_recipe
+
+    recipe = gpu_checks.with_changes(get_recipe("cifar10"), ["lr=2e-3", "epochs=150", "augment=basic",
+                                                             'model_overrides={"num_layers": 6}'])
+    assert (recipe.lr, recipe.epochs, recipe.augment) == (2e-3, 150, "basic")
+    config = recipe.model_config(10)  # the dict replaces the recipe's whole: ViT-S/4 with 6 layers
+    assert (config.num_layers, config.embed_dim, config.mlp_dim) == (6, 384, 1536)
+    with pytest.raises(SystemExit):
+        gpu_checks.parse_args(["--cifar-set", "learning_rate=1"])
+    assert "no field 'learning_rate'" in capsys.readouterr().err
