@@ -237,7 +237,8 @@ class MultiheadSelfAttention(nn.Module):
             # The same fused weights, split: W_q for token 0 only, W_k and W_v for every token.
             w_q, w_kv = self.qkv.weight.split([embed_dim, 2 * embed_dim])
             b_q, b_kv = self.qkv.bias.split([embed_dim, 2 * embed_dim])
-            q = F.linear(x[:, :1], w_q, b_q).reshape(batch, 1, self.num_heads, self.head_dim).transpose(1, 2)
+            # x[:, 0] is a plain (batch, D) matrix: F.linear runs it as one addmm, bias included.
+            q = F.linear(x[:, 0], w_q, b_q).view(batch, self.num_heads, 1, self.head_dim)
             kv = F.linear(x, w_kv, b_kv).reshape(batch, tokens, 2, self.num_heads, self.head_dim)
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, tokens, head_dim)
         else:
