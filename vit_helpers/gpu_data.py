@@ -194,7 +194,9 @@ def send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     the GPU run dry while the CPU queues the next step. A copy from pinned (page-locked) memory does not wait."""
     if device.type != "cuda":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)  # PyTorch keeps the pinned buffer until it is copied
+    # contiguous first: a strided source would be copied again, into ordinary memory, before the transfer.
+    # PyTorch keeps the pinned buffer alive until the copy has run.
+    return tensor.contiguous().pin_memory().to(device, non_blocking=True)
 
 
 class DeviceAugment:
