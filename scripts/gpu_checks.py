@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cifar-set", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a field of the cifar10 recipe for this run, e.g. lr=2e-3 or augment=basic "
                              "(repeatable): for tuning it on short runs")
-    parser.add_argument("--compile-mode", help="torch.compile mode for the data and cifar checks, e.g. "
+    parser.add_argument("--compile-mode", help="torch.compile mode for the compiled runs of every check, e.g. "
                                                "reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs")
     parser.add_argument("--json", type=Path, help="also save every result here")
     args = parser.parse_args(argv)
@@ -143,7 +143,8 @@ def check_models(args, device, results) -> list[tuple]:
     for compiled in compiled_options:
         found, context = bench.run_bench(args.model, args.batch_size, image_size=args.image_size,
                                          compare=compare, steps=args.steps, modes=bench.parse_modes(args.modes),
-                                         warmup_steps=2 if args.smoke else 5, device=str(device), compile=compiled)
+                                         warmup_steps=2 if args.smoke else 5, device=str(device), compile=compiled,
+                                         compile_mode=args.compile_mode)
         print(bench.format_table(found, context), flush=True)
         measured += [asdict(result) for result in found]
         for r in found:

@@ -138,11 +138,11 @@ def measure_matmul_ceiling(device: torch.device | str = "cpu", size: int | None 
 
 
 def make_step(model: nn.Module, mode: str, batch_size: int, config: ViTConfig, device: torch.device,
-              compile_model: bool) -> Callable[[], None]:
+              compile_model: bool, compile_mode: str | None = None) -> Callable[[], None]:
     images = torch.randn(batch_size, config.in_channels, config.image_size, config.image_size, device=device)
     labels = torch.randint(0, config.num_classes, (batch_size,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    forward = torch.compile(model) if compile_model else model
+    forward = torch.compile(model, mode=compile_mode) if compile_model else model
     if mode == "inference":
         model.eval()
 
@@ -165,7 +165,8 @@ def make_step(model: nn.Module, mode: str, batch_size: int, config: ViTConfig, d
 
 
 def bench_one(implementation: str, mode: str, config: ViTConfig, batch_size: int, device: torch.device,
-              steps: int, warmup_steps: int, compile_model: bool, ceiling: float) -> BenchResult:
+              steps: int, warmup_steps: int, compile_model: bool, ceiling: float,
+              compile_mode: str | None = None) -> BenchResult:
     result = BenchResult(implementation, mode, batch_size, compile_model)
     try:
         model = build_model(implementation, config).to(device)
@@ -173,7 +174,8 @@ def bench_one(implementation: str, mode: str, config: ViTConfig, batch_size: int
         result.note = f"not installed ({error.name})"
         return result
     try:
-        seconds = median_step_seconds(make_step(model, mode, batch_size, config, device, compile_model), steps,
+        seconds = median_step_seconds(make_step(model, mode, batch_size, config, device, compile_model,
+                                                compile_mode), steps,
                                       warmup_steps, device)
     except torch.OutOfMemoryError:
         result.note = "out of memory: lower --batch-size"
@@ -194,7 +196,7 @@ def bench_one(implementation: str, mode: str, config: ViTConfig, batch_size: int
 def run_bench(model: str = "ViT-B/16", batch_size: int = 256, *, image_size: int | None = None,
               patch_size: int | None = None, num_classes: int = 1000, compare=(), steps: int = 20,
               warmup_steps: int = 5, modes=MODES, device: str = "auto",
-              compile: bool = False) -> tuple[list[BenchResult], dict]:
+              compile: bool = False, compile_mode: str | None = None) -> tuple[list[BenchResult], dict]:
     """Measure ours (and `compare`) in every mode. Returns (results, context: model, device, ceiling, ...)."""
     overrides = {key: value for key, value in (("image_size", image_size), ("patch_size", patch_size))
                  if value is not None}
@@ -206,12 +208,14 @@ def run_bench(model: str = "ViT-B/16", batch_size: int = 256, *, image_size: int
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     ceiling = measure_matmul_ceiling(device)
-    results = [bench_one(implementation, mode, config, batch_size, device, steps, warmup_steps, compile, ceiling)
+    results = [bench_one(implementation, mode, config, batch_size, device, steps, warmup_steps, compile, ceiling,
+                         compile_mode)
                for implementation in ("ours", *compare) for mode in modes]
     context = {"model": model, "config": dataclasses.asdict(config), "device": device_name(device),
                "precision": "bf16 autocast" if device.type == "cuda" else "float32",
                "ceiling_flops": ceiling, "training_gflops_per_image": config.training_flops() / 1e9,
-               "forward_gflops_per_image": config.forward_flops() / 1e9, "torch": torch.__version__}
+               "forward_gflops_per_image": config.forward_flops() / 1e9, "torch": torch.__version__,
+               "compile_mode": compile_mode if compile else None}
     return results, context
 
 

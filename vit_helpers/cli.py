@@ -103,6 +103,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-size", type=int)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--compile-mode", help="torch.compile's mode (implies --compile), e.g. reduce-overhead "
+                                               "(CUDA graphs) or max-autotune-no-cudagraphs")
     parser.add_argument("--compare", default="",
                         help="also measure these implementations: timm, torchvision, ours-all-tokens (ours without "
                              "skipping the last layer's unread tokens)")
@@ -335,7 +337,7 @@ def bench(args) -> int:
             args.model, args.batch_size, image_size=args.image_size, patch_size=args.patch_size,
             num_classes=args.num_classes, compare=benchmark.parse_names(args.compare), steps=args.steps,
             warmup_steps=args.warmup_steps, modes=benchmark.parse_modes(args.modes), device=args.device,
-            compile=args.compile)
+            compile=args.compile or args.compile_mode is not None, compile_mode=args.compile_mode)
     except ValueError as error:
         raise UsageError(one_line(error)) from None
     print(benchmark.format_table(results, context))
