@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="for the models check; ours-all-tokens shows what skipping Eq. 4's unread tokens gains")
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile measurements")
     parser.add_argument("--modes", default="train,inference", help="for the models check: train, inference or both")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="models check: also print torch.profiler's top ROWS operators of each implementation")
     parser.add_argument("--cifar-archive", type=Path, default=REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
     parser.add_argument("--work-dir", type=Path, default=BENCH_DATA,
                         help="where the JPEG folders are unpacked (default: the git-ignored .bench_data/)")
@@ -144,8 +146,10 @@ def check_models(args, device, results) -> list[tuple]:
         found, context = bench.run_bench(args.model, args.batch_size, image_size=args.image_size,
                                          compare=compare, steps=args.steps, modes=bench.parse_modes(args.modes),
                                          warmup_steps=2 if args.smoke else 5, device=str(device), compile=compiled,
-                                         compile_mode=args.compile_mode)
+                                         compile_mode=args.compile_mode, profile_rows=args.profile)
         print(bench.format_table(found, context), flush=True)
+        if args.profile:
+            print(bench.format_profiles(found), flush=True)
         measured += [asdict(result) for result in found]
         for r in found:
             value = (f"{r.images_per_second:,.0f} img/s, MFU {100 * r.mfu:.0f}%" if r.images_per_second

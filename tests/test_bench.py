@@ -57,3 +57,12 @@ def test_unknown_implementation_gives_one_line_and_exit_code_2(capsys):
     assert main(["bench", *TINY, "--compare", "timm,flax"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "unknown implementation(s) flax" in error[0]
+
+
+def test_profile_prints_each_implementations_top_operators(capsys):
+    assert main(["bench", *TINY, "--modes", "train", "--profile", "5"]) == 0
+    output = capsys.readouterr().out
+    section = output[output.index("profile of ours train (eager, 3 steps of batch 2):"):]
+    assert "Self CPU" in section and "aten::" in section  # torch.profiler's table, by operator
+    operator_rows = [line for line in section.splitlines() if line.strip().startswith(("aten::", "Optimizer"))]
+    assert 1 <= len(operator_rows) <= 5

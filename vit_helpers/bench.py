@@ -48,6 +48,20 @@ class BenchResult:
     tflops: float | None = None  # achieved, from the analytic FLOPs
     mfu: float | None = None  # achieved / measured matmul ceiling
     note: str = ""
+    profile: str = ""  # with profile_rows: the operators that took the most time, as torch.profiler's table
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How each implementation is run and timed."""
+
+    steps: int = 20  # timed steps; the median is reported
+    warmup_steps: int = 5  # untimed steps first (compilation happens in the first)
+    compile: bool = False
+    compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead" (CUDA graphs)
+    profile_rows: int = 0  # > 0: then profile PROFILED_STEPS more steps and keep this many operators
+
+PROFILED_STEPS = 3
 
 
 def parse_names(text: str) -> list[str]:
@@ -164,19 +178,34 @@ def make_step(model: nn.Module, mode: str, batch_size: int, config: ViTConfig, d
     return step
 
 
+def profile_table(step: Callable[[], None], device: torch.device, rows: int) -> str:
+    """torch.profiler's table of the operators (and, on CUDA, kernels) of PROFILED_STEPS steps, the `rows` that
+    took the most time on the device (on the CPU, of CPU time) themselves first: where a step's time goes."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(PROFILED_STEPS):
+            step()
+        synchronize(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+
+
 def bench_one(implementation: str, mode: str, config: ViTConfig, batch_size: int, device: torch.device,
-              steps: int, warmup_steps: int, compile_model: bool, ceiling: float,
-              compile_mode: str | None = None) -> BenchResult:
-    result = BenchResult(implementation, mode, batch_size, compile_model)
+              timing: Timing, ceiling: float) -> BenchResult:
+    result = BenchResult(implementation, mode, batch_size, timing.compile)
     try:
         model = build_model(implementation, config).to(device)
     except ImportError as error:
         result.note = f"not installed ({error.name})"
         return result
     try:
-        seconds = median_step_seconds(make_step(model, mode, batch_size, config, device, compile_model,
-                                                compile_mode), steps,
-                                      warmup_steps, device)
+        step = make_step(model, mode, batch_size, config, device, timing.compile, timing.compile_mode)
+        seconds = median_step_seconds(step, timing.steps, timing.warmup_steps, device)
+        if timing.profile_rows > 0:
+            result.profile = profile_table(step, device, timing.profile_rows)
+        del step  # it holds the model, its optimizer state and the compiled graphs
     except torch.OutOfMemoryError:
         result.note = "out of memory: lower --batch-size"
         return result
@@ -196,8 +225,12 @@ def bench_one(implementation: str, mode: str, config: ViTConfig, batch_size: int
 def run_bench(model: str = "ViT-B/16", batch_size: int = 256, *, image_size: int | None = None,
               patch_size: int | None = None, num_classes: int = 1000, compare=(), steps: int = 20,
               warmup_steps: int = 5, modes=MODES, device: str = "auto",
-              compile: bool = False, compile_mode: str | None = None) -> tuple[list[BenchResult], dict]:
-    """Measure ours (and `compare`) in every mode. Returns (results, context: model, device, ceiling, ...)."""
+              compile: bool = False, compile_mode: str | None = None,
+              profile_rows: int = 0) -> tuple[list[BenchResult], dict]:
+    """Measure ours (and `compare`) in every mode. Returns (results, context: model, device, ceiling, ...).
+
+    `profile_rows` > 0 also profiles a few steps of each and keeps that many rows of torch.profiler's table
+    (`BenchResult.profile`, printed by `format_profiles`): profile before guessing what to speed up."""
     overrides = {key: value for key, value in (("image_size", image_size), ("patch_size", patch_size))
                  if value is not None}
     config = ViTConfig.named(model, num_classes=num_classes, **overrides)
@@ -208,8 +241,8 @@ def run_bench(model: str = "ViT-B/16", batch_size: int = 256, *, image_size: int
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     ceiling = measure_matmul_ceiling(device)
-    results = [bench_one(implementation, mode, config, batch_size, device, steps, warmup_steps, compile, ceiling,
-                         compile_mode)
+    timing = Timing(steps, warmup_steps, compile, compile_mode, profile_rows)
+    results = [bench_one(implementation, mode, config, batch_size, device, timing, ceiling)
                for implementation in ("ours", *compare) for mode in modes]
     context = {"model": model, "config": dataclasses.asdict(config), "device": device_name(device),
                "precision": "bf16 autocast" if device.type == "cuda" else "float32",
@@ -241,6 +274,12 @@ def format_table(results: list[BenchResult], context: dict) -> str:
             lines.append(f"{head} {r.images_per_second:>10.1f} {r.ms_per_step:>9.2f} {r.tflops:>8.3f} "
                          f"{100 * r.mfu:>6.1f}%")
     return "\n".join(lines)
+
+
+def format_profiles(results: list[BenchResult]) -> str:
+    """Every result's profile table under a heading, in the order measured; "" when nothing was profiled."""
+    return "\n".join(f"\nprofile of {r.implementation} {r.mode} ({'compiled' if r.compiled else 'eager'}, "
+                     f"{PROFILED_STEPS} steps of batch {r.batch_size}):\n{r.profile}" for r in results if r.profile)
 
 
 def save_json(results: list[BenchResult], context: dict, path: str | os.PathLike) -> None:

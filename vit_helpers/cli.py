@@ -111,6 +111,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--modes", default="train,inference", help="train, inference or both")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="also profile a few steps of each and print the ROWS operators that took the most time")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", dest="json_path", help="also save the results as JSON here")
 
@@ -337,10 +339,13 @@ def bench(args) -> int:
             args.model, args.batch_size, image_size=args.image_size, patch_size=args.patch_size,
             num_classes=args.num_classes, compare=benchmark.parse_names(args.compare), steps=args.steps,
             warmup_steps=args.warmup_steps, modes=benchmark.parse_modes(args.modes), device=args.device,
-            compile=args.compile or args.compile_mode is not None, compile_mode=args.compile_mode)
+            compile=args.compile or args.compile_mode is not None, compile_mode=args.compile_mode,
+            profile_rows=args.profile)
     except ValueError as error:
         raise UsageError(one_line(error)) from None
     print(benchmark.format_table(results, context))
+    if args.profile:
+        print(benchmark.format_profiles(results))
     if args.json_path:
         benchmark.save_json(results, context, args.json_path)
         print(f"saved {args.json_path}")
