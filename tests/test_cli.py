@@ -67,10 +67,13 @@ def test_train_writes_metrics_checkpoint_and_plots(tiny_folder, tmp_path, capsys
 def test_train_with_plain_loaders_and_no_recipe(tiny_folder, tmp_path):
     out = tmp_path / "plain"
     args = ["train", "--data", str(tiny_folder), "--model", "ViT-Ti/16", "--image-size", "16", "--epochs", "1",
-            "--batch-size", "16", "--augment", "basic", "--no-cached", "--num-workers", "0", "--out", str(out)]
+            "--batch-size", "16", "--augment", "basic", "--no-cached", "--num-workers", "0", "--out", str(out),
+            "--mixup", "0.4", "--cutmix", "1.0"]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["cached"] is False and metrics["model_config"]["embed_dim"] == 192
+    train_config = load_checkpoint(out / "checkpoint.pt")["train_config"]
+    assert (train_config["mixup_alpha"], train_config["cutmix_alpha"]) == (0.4, 1.0)
     assert len(metrics["history"]) == 1
 
 
@@ -97,6 +100,7 @@ def one_error_line(capsys) -> str:
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
     (["--recipe", "nope"], "unknown recipe 'nope'"),
+    (["--mixup", "-0.2"], "mixup_alpha and cutmix_alpha must be 0 (off) or positive"),
 ])
 def test_bad_arguments_give_one_line_and_exit_code_2(tiny_folder, tmp_path, capsys, extra, message):
     assert main(train_args(tiny_folder, tmp_path / "run", *extra)) == 2

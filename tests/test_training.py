@@ -165,8 +165,9 @@ def without_timings(history):
     return [{k: v for k, v in record.items() if k not in ("images_per_second", "seconds")} for record in history]
 
 
-def test_resume_after_one_epoch_equals_two_straight_epochs(tmp_path):
-    config = TrainConfig(lr=3e-3, warmup_epochs=0.5, device="cpu", log_every=4)
+@pytest.mark.parametrize("mixing", [{}, {"mixup_alpha": 0.4, "cutmix_alpha": 1.0}], ids=["plain", "mixup+cutmix"])
+def test_resume_after_one_epoch_equals_two_straight_epochs(tmp_path, mixing):
+    config = TrainConfig(lr=3e-3, warmup_epochs=0.5, device="cpu", log_every=4, **mixing)
     straight = fit(tiny_vit(dropout=0.1), *loaders(augment=True), 2, config=config, progress=False,
                    checkpoint_path=tmp_path / "straight.pt")
     first = fit(tiny_vit(dropout=0.1), *loaders(augment=True), 2, config=config, progress=False,
@@ -180,6 +181,44 @@ def test_resume_after_one_epoch_equals_two_straight_epochs(tmp_path):
     assert a["epoch"] == b["epoch"] == 2
     for key in ("model", "optimizer", "scheduler"):
         assert_same_tensors(a[key], b[key])
+
+
+def test_mixup_and_cutmix_train_on_soft_targets_and_count_accuracy_on_own_labels():
+    targets_seen = []
+
+    class RecordingLoss(nn.CrossEntropyLoss):
+        def forward(self, logits, targets):
+            targets_seen.append(targets)
+            return super().forward(logits, targets)
+
+    model = tiny_vit()
+    optimizer = training.build_optimizer(model, CONFIG, torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, 0, 100)
+    mixer = training.batch_mixer(TrainConfig(mixup_alpha=0.4, cutmix_alpha=1.0), NUM_CLASSES)
+    train_loader, _ = loaders(train_size=128, batch_size=16)
+    torch.manual_seed(0)
+    tally = training.train_one_epoch(model, train_loader, optimizer, scheduler, RecordingLoss(),
+                                     torch.device("cpu"), CONFIG, progress=False, mixer=mixer)
+    assert len(targets_seen) == 8 and tally.count == 128
+    for targets in targets_seen:  # probabilities over the classes, not class indices
+        assert targets.shape == (16, NUM_CLASSES) and targets.dtype == torch.float32
+        torch.testing.assert_close(targets.sum(dim=1), torch.ones(16))
+    assert any(((targets > 0) & (targets < 1)).any() for targets in targets_seen)  # images were blended
+    _, correct, count = tally.totals(distributed=False)
+    assert 0 <= correct <= count == 128  # against each image's own label
+
+    train_loader, test_loader = loaders(train_size=256)
+    config = TrainConfig(lr=3e-3, warmup_epochs=0.5, device="cpu", log_every=4, mixup_alpha=0.4, cutmix_alpha=1.0)
+    history = fit(tiny_vit(), train_loader, test_loader, 4, config=config, class_names=list("rgbk"), progress=False)
+    assert history[-1]["test_accuracy"] >= 0.9  # it still learns the task
+
+
+def test_mixing_needs_a_positive_alpha_and_the_number_of_classes():
+    assert training.batch_mixer(TrainConfig(), NUM_CLASSES) is None
+    with pytest.raises(ValueError, match="must be 0 \\(off\\) or positive"):
+        TrainConfig(mixup_alpha=-1.0)
+    with pytest.raises(ValueError, match="need the number of classes"):
+        training.batch_mixer(TrainConfig(cutmix_alpha=1.0), None)
 
 
 def interrupt_at(model: nn.Module, call: int) -> nn.Module:

@@ -79,6 +79,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--warmup-epochs", type=float)
     parser.add_argument("--label-smoothing", type=float)
+    parser.add_argument("--mixup", dest="mixup_alpha", type=float, metavar="ALPHA",
+                        help="MixUp on every batch with Beta(ALPHA, ALPHA) weights (0: off, the default)")
+    parser.add_argument("--cutmix", dest="cutmix_alpha", type=float, metavar="ALPHA",
+                        help="CutMix on every batch (0: off); with --mixup too, each batch gets one of the two")
     parser.add_argument("--augment", choices=("none", "basic", "strong"))
     parser.add_argument("--cached", action=argparse.BooleanOptionalAction,
                         help="decode the images once and augment them on the device (fast on GPUs)")
@@ -129,7 +133,8 @@ def run_settings(args, device_type: str) -> dict:
         "model_overrides": dict(recipe.model_overrides), "image_size": recipe.image_size, "patch_size": None,
         "epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr,
         "weight_decay": recipe.weight_decay, "warmup_epochs": recipe.warmup_epochs,
-        "label_smoothing": recipe.label_smoothing, "augment": recipe.augment, "cached": recipe.cached,
+        "label_smoothing": recipe.label_smoothing, "mixup_alpha": recipe.mixup_alpha,
+        "cutmix_alpha": recipe.cutmix_alpha, "augment": recipe.augment, "cached": recipe.cached,
         "num_workers": None, "device": "auto", "seed": 42, "compile": None, "compile_mode": None,
         "cpu_threads": recipe.cpu_threads, "checkpoint_every": recipe.checkpoint_every,
     }
@@ -139,8 +144,8 @@ def run_settings(args, device_type: str) -> dict:
 
 def given_flags(args) -> dict:
     names = ("data", "model", "image_size", "patch_size", "epochs", "batch_size", "lr", "weight_decay",
-             "warmup_epochs", "label_smoothing", "augment", "cached", "num_workers", "device", "seed", "compile",
-             "compile_mode", "cpu_threads")
+             "warmup_epochs", "label_smoothing", "mixup_alpha", "cutmix_alpha", "augment", "cached", "num_workers",
+             "device", "seed", "compile", "compile_mode", "cpu_threads")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if given.get("augment") in ("none", "basic"):  # as data.make_dataloaders spells them
         given["augment"] = given["augment"] == "basic"
@@ -204,6 +209,7 @@ def prepare_run(args):
         else:
             settings = run_settings(args, training.resolve_device(args.device or "auto").type)
         model_config(settings, num_classes=2)  # checks the model name and sizes before the data is read
+        train_config(settings)  # and the optimisation settings
         device = training.init_distributed(settings["device"])
         if device.type == "cpu" and settings.get("cpu_threads"):
             torch.set_num_threads(settings["cpu_threads"])

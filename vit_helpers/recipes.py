@@ -29,6 +29,8 @@ class Recipe:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
+    mixup_alpha: float = 0.0  # > 0: MixUp on each batch (TrainConfig.mixup_alpha)
+    cutmix_alpha: float = 0.0  # > 0: CutMix; with both, one of the two per batch
     augment: bool | str = True  # True/"basic": random resized crop + flip; "strong": + RandAugment; False: none
     cached: bool = False  # decode once and augment on the device (vit_helpers.gpu_data.make_cached_loaders)
     cpu_threads: int | None = None  # torch threads when training on the CPU; None leaves PyTorch's default

@@ -7,7 +7,8 @@ What the paper does, and what we keep:
 - "linear learning rate warmup and decay": linear warm-up, then cosine decay to zero, stepped every batch
   (`build_scheduler`, a `LambdaLR`).
 - "global gradient clipping at norm 1": `clip_norm=1.0`.
-- Label smoothing (from DeiT, not the paper) helps when the data set is small.
+- Label smoothing (from DeiT, not the paper) helps when the data set is small; so can MixUp and CutMix
+  (torchvision's, applied to whole batches on the device: `mixup_alpha`, `cutmix_alpha`).
 
 Speed habits, each switched on by default on CUDA: bf16 autocast, fused AdamW, TF32 matmuls, `torch.compile`,
 `non_blocking` copies from pinned memory, and no host-device synchronisation per step (loss and accuracy add up
@@ -58,6 +59,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     warmup_steps: int | None = None  # if set, overrides warmup_epochs
     label_smoothing: float = 0.1
+    mixup_alpha: float = 0.0  # > 0: MixUp (Zhang et al. 2018), each batch blended with itself rolled by one
+    cutmix_alpha: float = 0.0  # > 0: CutMix (Yun et al. 2019); with both > 0 each batch gets one of the two
     clip_norm: float | None = 1.0  # global gradient norm clipping, Appendix B.1
     betas: tuple[float, float] = (0.9, 0.999)
     amp: bool = True  # bf16 autocast on CUDA (never on the CPU, where it is slower)
@@ -67,6 +70,11 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     log_every: int = 25  # steps between progress-bar updates (each one synchronises with the GPU)
     checkpoint_every: int = 1  # epochs between checkpoints; the last epoch of a session is always saved
+
+    def __post_init__(self) -> None:
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ValueError(f"mixup_alpha and cutmix_alpha must be 0 (off) or positive, got {self.mixup_alpha} "
+                             f"and {self.cutmix_alpha}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -287,6 +295,25 @@ def _set_epoch(loader, epoch: int, seed: int) -> None:
             return
 
 
+def batch_mixer(config: TrainConfig, num_classes: int | None) -> Callable | None:
+    """torchvision's MixUp and/or CutMix for whole batches, wherever the batch is (on a GPU, on the GPU); None
+    when both alphas are 0. Called as `images, soft_targets = mixer(images, labels)`: the targets become
+    (batch, num_classes) probabilities, which CrossEntropyLoss takes as they are (label smoothing included).
+    The mixing weights come from the global torch RNG, which `fit` reseeds every epoch: resuming stays exact."""
+    if config.mixup_alpha == 0 and config.cutmix_alpha == 0:
+        return None
+    if not num_classes:
+        raise ValueError("MixUp and CutMix need the number of classes: pass class_names to fit.")
+    from torchvision.transforms import v2
+
+    mixers = []
+    if config.mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=config.mixup_alpha, num_classes=num_classes))
+    if config.cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=config.cutmix_alpha, num_classes=num_classes))
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
     # non_blocking overlaps the copy from pinned memory with compute; a no-op for tensors already there.
     return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -295,8 +322,12 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device)
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, device: torch.device,
                     config: TrainConfig, epoch: int = 0, tally: EpochTally | None = None,
-                    stop: GracefulStop | None = None, progress: bool = True) -> EpochTally:
+                    stop: GracefulStop | None = None, progress: bool = True,
+                    mixer: Callable | None = None) -> EpochTally:
     """One pass over `loader`. Returns the epoch's tally; `tally.step < len(loader)` means it was stopped early.
+
+    `mixer` (`batch_mixer`) mixes each batch before the step; training accuracy still counts each image's own
+    label, the one it mostly shows.
 
     A `tally` carried over from an interrupted epoch resumes it: the batches it already trained on are read
     again (so the data order and augmentations continue as they were) but skipped.
@@ -315,7 +346,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
             if index < skip:
                 continue
             images, labels = _to_device(images, labels, device)
-            loss, logits = _train_step(model, images, labels, optimizer, scheduler, loss_fn, device, config)
+            targets = labels
+            if mixer is not None:
+                images, targets = mixer(images, labels)  # targets: (batch, num_classes) probabilities
+            loss, logits = _train_step(model, images, targets, optimizer, scheduler, loss_fn, device, config)
             tally.loss_sum += loss * labels.shape[0]
             tally.correct += (logits.argmax(dim=-1) == labels).sum()
             tally.count += labels.shape[0]
@@ -336,11 +370,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     return tally
 
 
-def _train_step(model, images, labels, optimizer, scheduler, loss_fn, device, config):
+def _train_step(model, images, targets, optimizer, scheduler, loss_fn, device, config):
     optimizer.zero_grad(set_to_none=True)  # frees the gradients instead of writing zeros into them
     with _autocast(device, config.amp):
         logits = model(images)  # (batch, num_classes)
-    loss = loss_fn(logits.float(), labels)
+    loss = loss_fn(logits.float(), targets)  # targets: class indices, or probabilities after mixing
     loss.backward()
     if config.clip_norm:
         nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
@@ -557,8 +591,8 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
       past the limit) without shortening the schedule; `resume=True` later finishes it.
     - Ctrl-C (single process): the current step finishes, a checkpoint of this mid-epoch state is written and
       KeyboardInterrupt is raised. Resuming it re-reads the interrupted epoch's first batches without training
-      on them, so data order and augmentations continue as in an uninterrupted run; only randomness inside the
-      model (dropout) differs. Under torchrun Ctrl-C stops the processes; the last end-of-epoch checkpoint stays.
+      on them, so data order and augmentations continue as in an uninterrupted run; only randomness drawn by
+      the steps themselves (dropout, MixUp/CutMix) differs. Under torchrun Ctrl-C stops the processes; the last end-of-epoch checkpoint stays.
     - A NaN or infinite loss raises NonFiniteLossError and leaves the last checkpoint as it was.
     """
     config = dataclasses.replace(config or TrainConfig(), **({"epochs": epochs} if epochs else {}))
@@ -579,6 +613,8 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
                                                scheduler, lr_factor)
     train_model, eval_model = _wrap_for_training(model, device, config, world_size)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    mixer = batch_mixer(config, len(class_names) if class_names is not None
+                        else getattr(getattr(model, "config", None), "num_classes", None))
     eval_loader, eval_distributed = evaluation_loader(test_loader, rank, world_size)
     save = _saver(rank, checkpoint_path, optimizer, scheduler, config, class_names, metadata)
     started = time.perf_counter()
@@ -590,7 +626,7 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
             _set_epoch(train_loader, epoch, seed)
             try:
                 tally = train_one_epoch(train_model, train_loader, optimizer, scheduler, loss_fn, device, config,
-                                        epoch, tally, stop, progress)
+                                        epoch, tally, stop, progress, mixer)
             except NonFiniteLossError as error:
                 written = checkpoint_path is not None and Path(checkpoint_path).is_file()
                 kept = f"the last good checkpoint, {checkpoint_path}, is unchanged" if written else \
