@@ -521,6 +521,31 @@ def test_strong_augmentation_and_the_constants(tmp_path):
     assert data.NORMALIZE_MEAN == data.NORMALIZE_STD == (0.5, 0.5, 0.5)
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_cached_strong_colour_ops_equal_torchvisions_randaugment_ops(sign):
+    """Each colour op of the on-device policy is torchvision's, at RandAugment's magnitude 9 of 31."""
+    from torchvision.transforms.v2 import functional as TF
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=generator)
+    images = pixels.float() / 255
+    factor = 1 + 0.9 * gpu_data.MAGNITUDE * sign  # 1 +- 0.27: torchvision's linspace(0, 0.9, 31)[9]
+    expected = {
+        "identity": images,
+        "brightness": TF.adjust_brightness(images, factor),
+        "color": TF.adjust_saturation(images, factor),
+        "contrast": TF.adjust_contrast(images, factor),
+        "sharpness": TF.adjust_sharpness(images, factor),
+        "posterize": TF.posterize(pixels, 7).float() / 255,  # 8 - round(9 / 7.5) bits
+        "solarize": TF.solarize(images, 1 - gpu_data.MAGNITUDE),  # threshold linspace(1, 0, 31)[9] = 0.7
+        "autocontrast": TF.autocontrast(images),
+    }
+    for name, reference in expected.items():
+        ops = torch.full((4,), gpu_data.RANDAUGMENT_OPS.index(name))
+        actual = gpu_data.colour_ops(images, ops, torch.full((4,), sign))
+        torch.testing.assert_close(actual, reference, rtol=0, atol=1e-5, msg=name)
+
+
 def test_every_image_mode_becomes_rgb_and_transparency_becomes_white(tmp_path):
     for mode, suffix in (("L", ".jpg"), ("RGBA", ".png"), ("P", ".png"), ("CMYK", ".jpg"), ("1", ".png"),
                          ("LA", ".png"), ("I;16", ".png")):

@@ -171,10 +171,11 @@ def colour_ops(images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor) -> 
     def chosen(name: str) -> torch.Tensor:
         return (ops == _OP[name]).view(-1, 1, 1, 1)
 
-    gray = 0.299 * images[:, 0:1] + 0.587 * images[:, 1:2] + 0.114 * images[:, 2:3]  # (B, 1, H, W)
-    # PIL's SMOOTH kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, as a 3x3 box sum plus 4x the centre.
-    box_sum = 9 * F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernel_size=3, stride=1)
-    blurred = (box_sum + 4 * images) / 13
+    gray = 0.2989 * images[:, 0:1] + 0.587 * images[:, 1:2] + 0.114 * images[:, 2:3]  # (B, 1, H, W), torchvision's
+    # PIL's SMOOTH kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, as a 3x3 box sum plus 4x the centre. Like PIL and
+    # torchvision, only the interior is blurred: the border pixels stay as they are.
+    blurred = images.clone()
+    blurred[..., 1:-1, 1:-1] = (9 * F.avg_pool2d(images, kernel_size=3, stride=1) + 4 * images[..., 1:-1, 1:-1]) / 13
     degenerate = torch.where(chosen("brightness"), 0.0, images)
     degenerate = torch.where(chosen("color"), gray, degenerate)
     degenerate = torch.where(chosen("contrast"), gray.mean(dim=(1, 2, 3), keepdim=True), degenerate)
