@@ -2,6 +2,7 @@
 sample, splits, transforms, loaders and the cached device loaders. Local fixtures only, built in tmp_path."""
 
 import importlib.util
+import math
 import os
 import pickle
 import re
@@ -544,6 +545,36 @@ def test_cached_strong_colour_ops_equal_torchvisions_randaugment_ops(sign):
         ops = torch.full((4,), gpu_data.RANDAUGMENT_OPS.index(name))
         actual = gpu_data.colour_ops(images, ops, torch.full((4,), sign))
         torch.testing.assert_close(actual, reference, rtol=0, atol=1e-5, msg=name)
+
+
+def test_cached_strong_geometric_ops_equal_torchvisions_affine_at_randaugments_magnitudes():
+    """Shear 0.09, translation 150/331 x 30% of the side, rotation 9 degrees: torchvision's RandAugment at magnitude
+    9 of 31, each by F.affine about the image centre (torchvision shears about the corner: a shift of ~1 pixel
+    in 32). The sign of each op is drawn at random, so which direction a sign means does not matter."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    shear, shift = math.degrees(math.atan(0.09)), 150 / 331 * 0.3 * 32
+    affine = dict(angle=0.0, translate=[0.0, 0.0], scale=1.0, shear=[0.0, 0.0],
+                  interpolation=InterpolationMode.BILINEAR)
+    for sign in (-1.0, 1.0):
+        direction = -sign  # our sign against torchvision's: rotation and translation opposite, shear the same
+        expected = {
+            "rotate": dict(affine, angle=9.0 * direction),
+            "translate_x": dict(affine, translate=[shift * direction, 0.0]),
+            "translate_y": dict(affine, translate=[0.0, shift * direction]),
+            "shear_x": dict(affine, shear=[-shear * direction, 0.0]),
+            "shear_y": dict(affine, shear=[0.0, -shear * direction]),
+        }
+        for name, arguments in expected.items():
+            ops = torch.full((2,), gpu_data.RANDAUGMENT_OPS.index(name))
+            matrices = gpu_data.geometric_op_matrices(ops, torch.full((2,), sign))
+            grid = torch.nn.functional.affine_grid(matrices[:, :2], [2, 3, 32, 32], align_corners=False)
+            actual = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
+                                                     align_corners=False)
+            torch.testing.assert_close(actual, TF.affine(images, **arguments), rtol=0, atol=1e-4,
+                                       msg=f"{name} {sign:+}")
 
 
 def test_every_image_mode_becomes_rgb_and_transparency_becomes_white(tmp_path):
