@@ -124,7 +124,8 @@ def _build_caches(root: Path, image_size: int, cache_dir: Path) -> dict[str, dic
 # --------------------------------------------------------------------------------------------------------------
 
 # RandAugment's operations (Cubuk et al. 2020) at torchvision's magnitude 9 of 31 bins, i.e. 30% of each range.
-# Equalize is left out: a per-image histogram has no cheap batched form.
+# Equalize is left out: a per-image histogram has no cheap batched form. Every other op equals torchvision's at
+# that magnitude (tests/test_data.py), except that shears turn about the centre rather than the top-left corner.
 RANDAUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
                    "contrast", "sharpness", "posterize", "solarize", "autocontrast")
 _OP = {name: index for index, name in enumerate(RANDAUGMENT_OPS)}
