@@ -5,9 +5,9 @@
 For each implementation (ours, and timm's and torchvision's `VisionTransformer` built with the same sizes,
 randomly initialised), on synthetic input: images/s, ms per step, achieved TFLOP/s and MFU, the model FLOPs
 utilisation (as nanoGPT's `estimate_mfu`). FLOPs are analytic (`ViTConfig.training_flops()` = 3 x forward for
-a training step, for every implementation alike, although ours skips the share that Eq. 4 never reads,
-7% for ViT-B/16: see `ViT.forward`), and the ceiling they are compared with is measured here: a large bf16 (CUDA) or float32
-(CPU) matrix multiply. A training step is forward, loss, backward and a fused AdamW update under bf16 autocast
+a training step, for every implementation alike, although ours skips the share that Eq. 4 never reads, 7% for
+ViT-B/16: see `ViT.forward`), and the ceiling they are compared with is measured here: a large bf16 (CUDA) or
+float32 (CPU) matrix multiply. A training step is forward, loss, backward and a fused AdamW update under bf16 autocast
 on CUDA; inference is a forward pass under `torch.inference_mode()`. Warm-up steps (and compilation) are not
 timed; each step is timed with CUDA events on GPUs, and the median step is reported.
 """
@@ -60,6 +60,7 @@ class Timing:
     compile: bool = False
     compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead" (CUDA graphs)
     profile_rows: int = 0  # > 0: then profile PROFILED_STEPS more steps and keep this many operators
+
 
 PROFILED_STEPS = 3
 

@@ -296,8 +296,8 @@ def _set_epoch(loader, epoch: int, seed: int) -> None:
 
 
 def batch_mixer(config: TrainConfig, num_classes: int | None) -> Callable | None:
-    """torchvision's MixUp and/or CutMix for whole batches, wherever the batch is (on a GPU, on the GPU); None
-    when both alphas are 0. Called as `images, soft_targets = mixer(images, labels)`: the targets become
+    """torchvision's MixUp and/or CutMix for whole batches, on the batch's own device; None when both alphas
+    are 0. Called as `images, soft_targets = mixer(images, labels)`: the targets become
     (batch, num_classes) probabilities, which CrossEntropyLoss takes as they are (label smoothing included).
     The mixing weights come from the global torch RNG, which `fit` reseeds every epoch: resuming stays exact."""
     if config.mixup_alpha == 0 and config.cutmix_alpha == 0:
@@ -327,7 +327,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     """One pass over `loader`. Returns the epoch's tally; `tally.step < len(loader)` means it was stopped early.
 
     `mixer` (`batch_mixer`) mixes each batch before the step; training accuracy still counts each image's own
-    label, the one it mostly shows.
+    label, the one it had before mixing.
 
     A `tally` carried over from an interrupted epoch resumes it: the batches it already trained on are read
     again (so the data order and augmentations continue as they were) but skipped.
@@ -592,7 +592,8 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
     - Ctrl-C (single process): the current step finishes, a checkpoint of this mid-epoch state is written and
       KeyboardInterrupt is raised. Resuming it re-reads the interrupted epoch's first batches without training
       on them, so data order and augmentations continue as in an uninterrupted run; only randomness drawn by
-      the steps themselves (dropout, MixUp/CutMix) differs. Under torchrun Ctrl-C stops the processes; the last end-of-epoch checkpoint stays.
+      the steps themselves (dropout, MixUp/CutMix) differs. Under torchrun Ctrl-C stops the processes; the last
+      end-of-epoch checkpoint stays.
     - A NaN or infinite loss raises NonFiniteLossError and leaves the last checkpoint as it was.
     """
     config = dataclasses.replace(config or TrainConfig(), **({"epochs": epochs} if epochs else {}))
