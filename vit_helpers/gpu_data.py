@@ -212,7 +212,7 @@ class DeviceAugment:
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         device = images.device
         if self.mean.device != device:
-            self.mean, self.std = self.mean.to(device), self.std.to(device)
+            self.mean, self.std = send(self.mean, device), send(self.std, device)
         x = images.float().div_(255)
         if self.policy != "none":
             batch = len(x)
