@@ -105,3 +105,25 @@ def test_recipe_changes_are_parsed_as_the_fields_types(gpu_checks, capsys):
     with pytest.raises(SystemExit):
         gpu_checks.parse_args(["--cifar-set", "learning_rate=1"])
     assert "no field 'learning_rate'" in capsys.readouterr().err
+
+
+def test_cifar_check_probes_two_epochs_then_finishes_the_schedule(gpu_checks, archive, tmp_path):
+    results_path = tmp_path / "results.json"
+    assert gpu_checks.main(["--smoke", "--device", "cpu", "--checks", "cifar", "--cifar-epochs", "3",
+                            "--cifar-archive", str(archive), "--work-dir", str(tmp_path / "work"),
+                            "--json", str(results_path)]) == 0
+    cifar = json.loads(results_path.read_text())["cifar"]
+    assert cifar["epochs_done"] == 3 and [r["epoch"] for r in cifar["history"]] == [1, 2, 3]
+    assert not (tmp_path / "work" / "cifar_check_checkpoint.pt").exists()
+
+
+def test_cifar_check_stops_after_the_probe_when_the_schedule_cannot_fit(gpu_checks, archive, tmp_path):
+    results_path = tmp_path / "results.json"
+    gpu_checks.main(["--smoke", "--device", "cpu", "--checks", "cifar", "--cifar-epochs", "500",
+                     "--cifar-minutes", "0.05", "--cifar-archive", str(archive), "--work-dir", str(tmp_path / "work"),
+                     "--json", str(results_path)])
+    saved = json.loads(results_path.read_text())
+    cifar = saved["cifar"]
+    assert cifar["epochs_done"] == 2 and cifar["projected_seconds"] > 3  # 500 epochs cannot fit in 3 s
+    assert cifar["epochs_that_fit"] < 500
+    assert "projected" in saved["summary"][0][1] and "epochs that fit" in saved["summary"][1][1]
