@@ -1,4 +1,5 @@
-"""The project's own rules: the two ways to install agree, notebooks are committed clean, the README shows the way in."""
+"""The project's own rules: the two ways to install agree, notebooks are committed clean, the README shows the way
+in."""
 
 import json
 import re

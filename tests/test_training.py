@@ -379,7 +379,8 @@ def test_resume_is_exact_with_augmenting_dataloader_workers(tmp_path):
     run(tmp_path / "split.pt", stop_after_epoch=1)
     resumed = run(tmp_path / "split.pt", resume=True)
     assert without_timings(resumed) == without_timings(straight)
-    assert_same_tensors(load_checkpoint(tmp_path / "straight.pt")["model"], load_checkpoint(tmp_path / "split.pt")["model"])
+    assert_same_tensors(load_checkpoint(tmp_path / "straight.pt")["model"],
+                        load_checkpoint(tmp_path / "split.pt")["model"])
 
 
 def test_a_recipe_builds_the_model_and_training_configs_it_names():
