@@ -396,3 +396,25 @@ def test_a_recipe_builds_the_model_and_training_configs_it_names():
                 train_config.seed) == (recipe.epochs, recipe.batch_size, recipe.lr, recipe.weight_decay,
                                        recipe.warmup_epochs, recipe.label_smoothing, recipe.checkpoint_every, 7)
     assert get_recipe("demo", "cuda").model_config(10).embed_dim == 384  # the GPU variant is ViT-S/4
+
+
+def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, monkeypatch):
+    """On CUDA `fit` compiles by default. The same path on the CPU, with torch.compile's aot_eager backend (it
+    traces forward and backward as inductor would, without generating code), trains like eager and checkpoints the
+    plain model: no `_orig_mod.` in the weights' names, and they load into a fresh ViT."""
+    import functools
+
+    monkeypatch.setattr(training.torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    eager = fit(tiny_vit(), *loaders(), 2, config=CONFIG, progress=False)
+    config = TrainConfig(lr=3e-3, warmup_epochs=0.5, device="cpu", log_every=4, compile=True)
+    compiled = fit(tiny_vit(), *loaders(), 2, config=config, progress=False, checkpoint_path=tmp_path / "c.pt")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs >= 2  # training and evaluation really ran compiled
+    for ours, reference in zip(compiled, eager):
+        assert ours["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-4)
+        assert ours["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=0.02)
+    weights = load_checkpoint(tmp_path / "c.pt")["model"]
+    assert not [name for name in weights if "_orig_mod" in name]
+    tiny_vit().load_state_dict(weights)
