@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # use this checkout's vit_helpers even where it is not pip-installed
 
 from vit_helpers import bench, training  # noqa: E402
+from vit_helpers.files import atomic_write  # noqa: E402
 from vit_helpers.model import ViT, ViTConfig  # noqa: E402
 from vit_helpers.recipes import get_recipe  # noqa: E402
 
@@ -371,10 +372,8 @@ def main(argv=None) -> int:
 
 
 def save_results(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(results, indent=2, default=str))
-    temporary.replace(path)
+    with atomic_write(path, "w") as file:
+        json.dump(results, file, indent=2, default=str)
 
 
 def print_table(rows: list[tuple]) -> None:

@@ -21,13 +21,13 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vit_helpers.files import atomic_write
 from vit_helpers.model import ViT, ViTConfig
 from vit_helpers.training import resolve_device
 
@@ -284,8 +284,5 @@ def format_profiles(results: list[BenchResult]) -> str:
 
 
 def save_json(results: list[BenchResult], context: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps({**context, "results": [dataclasses.asdict(r) for r in results]}, indent=2))
-    os.replace(temporary, path)
+    with atomic_write(path, "w") as file:
+        json.dump({**context, "results": [dataclasses.asdict(r) for r in results]}, file, indent=2)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ matplotlib.use("Agg")  # files only: never open a window, work on servers withou
 import torch  # noqa: E402
 
 from vit_helpers import plots, training  # noqa: E402
+from vit_helpers.files import atomic_write  # noqa: E402
 from vit_helpers.model import ViT, ViTConfig  # noqa: E402
 from vit_helpers.recipes import RECIPES, Recipe, get_recipe  # noqa: E402
 
@@ -276,7 +276,8 @@ def write_results(out: Path, settings, model, history, class_names, probabilitie
         "confusion_matrix": matrix.tolist(),
         "history": history,
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    with atomic_write(out / "metrics.json", "w") as file:
+        json.dump(metrics, file, indent=2)
     figures = {"loss_curves.png": plots.plot_history(history),
                "confusion_matrix.png": plots.plot_confusion_matrix(matrix, class_names)}
     images, example_labels = example_images(test_loader)
@@ -305,12 +306,6 @@ def example_images(loader, count: int = 16) -> tuple[torch.Tensor, torch.Tensor]
         if sum(map(len, labels)) >= count:
             break
     return torch.cat(images)[:count], torch.cat(labels)[:count]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 # --------------------------------------------------------------------------------------------------------------

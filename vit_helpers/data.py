@@ -35,6 +35,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from vit_helpers.files import atomic_write
+
 # --------------------------------------------------------------------------------------------------------------
 # Constants
 # --------------------------------------------------------------------------------------------------------------
@@ -191,14 +193,8 @@ def _read_json(path: Path) -> dict:
 
 def _write_json_quietly(path: Path, data: dict) -> None:
     """Write atomically; a read-only data folder just goes without a cache."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-            json.dump(data, f)
-        os.chmod(f.name, 0o644)
-        os.replace(f.name, path)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), atomic_write(path, "w") as file:
+        json.dump(data, file)
 
 
 class VerifiedImageFolder(ImageFolder):

@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from vit_helpers.data import (
     resolve_dataset,
     stratified_split,
 )
+from vit_helpers.files import atomic_write
 
 #: Bumped whenever the stored pixels would change (decoder, resize), so old caches are rebuilt.
 CACHE_FORMAT = 1
@@ -96,10 +96,8 @@ def load_or_build_cache(folder: VerifiedImageFolder, image_size: int, cache_file
               "images": decode_images([path for path, _ in folder.samples], image_size),
               "targets": torch.tensor(folder.targets, dtype=torch.int64)}
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache_file.parent, suffix=".tmp", delete=False) as f:
-            torch.save(cached, f)
-        os.replace(f.name, cache_file)
+        with atomic_write(cache_file) as file:
+            torch.save(cached, file)
     except OSError as exc:  # a read-only data folder: go on without a saved cache
         print(f"could not save the image cache to {cache_file} ({exc}); pass cache_dir= to keep it elsewhere.")
     return cached

@@ -28,7 +28,6 @@ import math
 import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +41,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, SequentialSampler, Subset
 from tqdm import tqdm
+
+from vit_helpers.files import atomic_write
 
 
 class NonFiniteLossError(RuntimeError):
@@ -483,28 +484,10 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
 # --------------------------------------------------------------------------------------------------------------
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same folder, then os.replace: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual rights
-        with os.fdopen(descriptor, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """torch.save, atomically (`files.atomic_write`): a crash never leaves half a file."""
+    with atomic_write(path) as file:
+        torch.save(state, file)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vit_helpers.files import atomic_write
 from vit_helpers.model import MODEL_SIZES, ViT, ViTConfig
 
 StateDict = dict[str, torch.Tensor]
@@ -658,12 +659,6 @@ def to_official_npz(state_dict: Mapping, path: str | os.PathLike, num_heads: int
     The file loads with `from_official_npz`, timm's `load_pretrained` and the official JAX code. Returns the path.
     """
     arrays = to_official_arrays(state_dict, num_heads)
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:  # a file object: np.savez would append ".npz" to a name
-            np.savez(file, **arrays)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    with atomic_write(path) as file:  # a file object: np.savez would append ".npz" to a name
+        np.savez(file, **arrays)
+    return Path(path)

@@ -1,0 +1,30 @@
+"""atomic_write, which every file the package writes goes through: whole or not at all."""
+
+import json
+import os
+
+import pytest
+
+from vit_helpers.files import atomic_write
+
+
+def test_a_file_is_written_whole_with_the_usual_rights(tmp_path):
+    path = tmp_path / "new" / "metrics.json"  # the folder is created
+    with atomic_write(path, "w") as file:
+        json.dump({"accuracy": 0.9}, file)
+    assert json.loads(path.read_text()) == {"accuracy": 0.9}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0o600
+    assert os.listdir(path.parent) == ["metrics.json"]
+
+
+def test_a_failure_half_way_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"the good version")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(path) as file:
+            file.write(b"half of the new ver")
+            raise KeyboardInterrupt  # Ctrl-C in the middle of writing
+    assert path.read_bytes() == b"the good version"
+    assert os.listdir(tmp_path) == ["weights.bin"]
