@@ -36,6 +36,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from vit_helpers.files import atomic_write
+from vit_helpers.training import distributed_info
 
 # --------------------------------------------------------------------------------------------------------------
 # Constants
@@ -747,13 +748,6 @@ def load_image_datasets(data_dir, test_fraction: float = 0.15, seed: int = 42, t
             TransformedSubset(folder, test_indices, test_transform), folder.classes)
 
 
-def distributed_world() -> tuple[int, int]:
-    """(world size, rank): the real ones under torch.distributed, else (1, 0)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
-
-
 def default_num_workers(num_images: int) -> int:
     """Worker processes for decoding: none for tiny sets (starting workers costs more than it saves), else one
     per spare core, at most 8."""
@@ -773,7 +767,7 @@ def make_dataloaders(data_dir, image_size: int = 224, batch_size: int = 32, test
     train_transform, test_transform = build_transforms(image_size, augment, mean, std)
     train_set, test_set, classes = load_image_datasets(data_dir, test_fraction, seed, train_transform,
                                                        test_transform)
-    world_size, rank = distributed_world()
+    rank, world_size = distributed_info()
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     if len(sampler) < batch_size:
         raise ValueError(f"the training set has {len(sampler)} images per process, fewer than batch_size "

@@ -41,13 +41,13 @@ from vit_helpers.data import (
     VerifiedImageFolder,
     _augment_policy,
     _cpu_count,
-    distributed_world,
     load_rgb,
     resize_and_crop,
     resolve_dataset,
     stratified_split,
 )
 from vit_helpers.files import atomic_write
+from vit_helpers.training import distributed_info
 
 #: Bumped whenever the stored pixels would change (decoder, resize), so old caches are rebuilt.
 CACHE_FORMAT = 1
@@ -343,7 +343,7 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # so that tensor.device compares equal
-    world_size, world_rank = distributed_world()
+    world_rank, world_size = distributed_info()
     num_replicas = world_size if num_replicas is None else num_replicas
     rank = world_rank if rank is None else rank
     root = resolve_dataset(data_dir)
