@@ -713,3 +713,13 @@ def test_example_photo_is_the_square_portrait_at_any_size():
     # The same picture: the large one shrunk is close to the small one.
     shrunk = torch.nn.functional.interpolate(photo[None], size=32, mode="area")[0]
     assert (shrunk - small).abs().mean() < 0.05
+
+
+def test_spread_examples_takes_every_nth_sample_of_an_unshuffled_loader():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images, labels = torch.arange(100.0).view(100, 1, 1, 1), torch.arange(100) // 10  # 10 classes, sorted
+    loader = DataLoader(TensorDataset(images, labels), batch_size=7)
+    indices, chosen, chosen_labels = data.spread_examples(loader, 10)
+    assert indices.tolist() == list(range(0, 100, 10))
+    assert torch.equal(chosen.flatten(), images.flatten()[indices]) and chosen_labels.tolist() == list(range(10))

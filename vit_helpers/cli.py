@@ -254,7 +254,7 @@ def _train(args) -> int:
 
 def write_results(out: Path, settings, model, history, class_names, probabilities, labels, test_loader,
                   world_size: int, seconds: float) -> None:
-    from vit_helpers.data import denormalize
+    from vit_helpers.data import denormalize, spread_examples
 
     matrix = training.confusion_matrix(probabilities.argmax(dim=-1), labels, len(class_names))
     steady = [record["images_per_second"] for record in history[1:]] or [history[-1]["images_per_second"]]
@@ -280,7 +280,7 @@ def write_results(out: Path, settings, model, history, class_names, probabilitie
         json.dump(metrics, file, indent=2)
     figures = {"loss_curves.png": plots.plot_history(history),
                "confusion_matrix.png": plots.plot_confusion_matrix(matrix, class_names)}
-    images, example_labels = example_images(test_loader)
+    _, images, example_labels = spread_examples(test_loader, count=16)
     model.eval()
     with torch.no_grad():
         example_probabilities = model(images.to(next(model.parameters()).device)).float().softmax(dim=-1).cpu()
@@ -292,20 +292,6 @@ def write_results(out: Path, settings, model, history, class_names, probabilitie
           f"({seconds:.0f} s, {metrics['images_per_second']:.0f} img/s)")
     print(f"metrics:    {out / 'metrics.json'}\ncheckpoint: {out / 'checkpoint.pt'}\n"
           f"plots:      {', '.join(str(out / name) for name in figures)}")
-
-
-def example_images(loader, count: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` test images spread evenly over the (class-sorted) test set, and their labels, on the CPU."""
-    stride = max(1, len(loader.dataset) // count)
-    images, labels, seen = [], [], 0
-    for batch_images, batch_labels in loader:
-        keep = torch.arange(seen, seen + len(batch_labels)) % stride == 0
-        images.append(batch_images.cpu()[keep])
-        labels.append(batch_labels.cpu()[keep])
-        seen += len(batch_labels)
-        if sum(map(len, labels)) >= count:
-            break
-    return torch.cat(images)[:count], torch.cat(labels)[:count]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -686,6 +686,21 @@ def denormalize(images: torch.Tensor, mean=NORMALIZE_MEAN, std=NORMALIZE_STD) ->
     return (images * std + mean).clamp(0, 1)
 
 
+def spread_examples(loader, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices, images, labels) of `count` samples spread evenly over an unshuffled loader's dataset, on the CPU:
+    every (len / count)-th one, so a class-sorted test set shows every class. Stops reading once it has them."""
+    stride = max(1, len(loader.dataset) // count)
+    images, labels, seen = [], [], 0
+    for batch_images, batch_labels in loader:
+        keep = torch.arange(seen, seen + len(batch_labels)) % stride == 0
+        images.append(batch_images.cpu()[keep])
+        labels.append(batch_labels.cpu()[keep])
+        seen += len(batch_labels)
+        if sum(map(len, labels)) >= count:
+            break
+    return torch.arange(0, seen, stride)[:count], torch.cat(images)[:count], torch.cat(labels)[:count]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Splits and loaders
 # --------------------------------------------------------------------------------------------------------------
