@@ -125,28 +125,31 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 # train
 # --------------------------------------------------------------------------------------------------------------
 
+#: The settings only the command line sets (a recipe has no say in them), with their defaults.
+COMMAND_LINE_DEFAULTS = {"patch_size": None, "num_workers": None, "device": "auto", "seed": 42, "compile": None,
+                         "compile_mode": None}
+#: Recipe fields that describe the recipe itself, not the run.
+RECIPE_ONLY_FIELDS = ("name", "description", "on_gpu")
+
+
 def run_settings(args, device_type: str) -> dict:
-    """The run's settings: the recipe's (or the defaults), then every flag that was given."""
+    """The run's settings: the recipe's fields (or the defaults), the command line's own defaults, then every flag
+    that was given."""
     recipe = get_recipe(args.recipe, device_type) if args.recipe else Recipe()
-    settings = {
-        "recipe": args.recipe, "data": recipe.data, "model": recipe.model,
-        "model_overrides": dict(recipe.model_overrides), "image_size": recipe.image_size, "patch_size": None,
-        "epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr,
-        "weight_decay": recipe.weight_decay, "warmup_epochs": recipe.warmup_epochs,
-        "label_smoothing": recipe.label_smoothing, "mixup_alpha": recipe.mixup_alpha,
-        "cutmix_alpha": recipe.cutmix_alpha, "augment": recipe.augment, "cached": recipe.cached,
-        "num_workers": None, "device": "auto", "seed": 42, "compile": None, "compile_mode": None,
-        "cpu_threads": recipe.cpu_threads, "checkpoint_every": recipe.checkpoint_every,
-    }
+    settings = {"recipe": args.recipe, **recipe_settings(recipe), **COMMAND_LINE_DEFAULTS}
     settings.update(given_flags(args))
     return settings
 
 
+def recipe_settings(recipe: Recipe) -> dict:
+    return {name: value for name, value in dataclasses.asdict(recipe).items() if name not in RECIPE_ONLY_FIELDS}
+
+
 def given_flags(args) -> dict:
-    names = ("data", "model", "image_size", "patch_size", "epochs", "batch_size", "lr", "weight_decay",
-             "warmup_epochs", "label_smoothing", "mixup_alpha", "cutmix_alpha", "augment", "cached", "num_workers",
-             "device", "seed", "compile", "compile_mode", "cpu_threads")
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    """The settings given as flags (every setting has its flag, named after it, but model_overrides and
+    checkpoint_every, which only a recipe sets)."""
+    names = set(recipe_settings(Recipe())) | set(COMMAND_LINE_DEFAULTS)
+    given = {name: value for name, value in vars(args).items() if name in names and value is not None}
     if given.get("augment") in ("none", "basic"):  # as data.make_dataloaders spells them
         given["augment"] = given["augment"] == "basic"
     return given
