@@ -268,6 +268,38 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
+@pytest.mark.parametrize("clip_norm, caught_by", [(1.0, "the gradients became"), (0.0, "the weights became")])
+def test_an_infinite_gradient_under_a_finite_loss_never_reaches_a_checkpoint(tmp_path, clip_norm, caught_by):
+    """An overflow in the backward pass: the loss is finite but the update writes NaN weights. On the epoch's last
+    step, a check of the loss alone would let the end-of-epoch checkpoint save them."""
+    config = TrainConfig(lr=3e-3, warmup_epochs=0.5, device="cpu", log_every=4, clip_norm=clip_norm)
+    train_loader, test_loader = loaders()  # 8 steps per epoch
+    path = tmp_path / "checkpoint.pt"
+    fit(tiny_vit(), train_loader, test_loader, 3, config=config, progress=False, checkpoint_path=path,
+        stop_after_epoch=1)
+    good = path.read_bytes()
+    model, calls = tiny_vit(), []
+
+    def overflow_on_the_last_step_of_epoch_2(gradient):
+        calls.append(1)
+        return gradient * float("inf") if len(calls) == 8 else gradient
+
+    model.head.weight.register_hook(overflow_on_the_last_step_of_epoch_2)
+    with pytest.raises(NonFiniteLossError, match=rf"(?s){caught_by} NaN or infinite in epoch 2.*unchanged"):
+        fit(model, train_loader, test_loader, 3, config=config, progress=False, checkpoint_path=path, resume=True)
+    assert len(calls) == 8 and not torch.isfinite(model.head.weight).all()  # the weights did become NaN
+    assert path.read_bytes() == good
+
+
+def test_a_time_limit_stops_before_an_epoch_that_would_end_past_it():
+    now = training.time.perf_counter()
+    # 50 s spent, epochs of 20 s: a limit of 60 s stops now (the next would end at 70 s); one of 80 s goes on.
+    assert training._should_stop(2, None, 60.0, now - 50, 20.0, world_size=1)
+    assert not training._should_stop(2, None, 80.0, now - 50, 20.0, world_size=1)
+    assert not training._should_stop(2, None, None, now - 50, 20.0, world_size=1)
+    assert training._should_stop(2, 3, None, now, 20.0, world_size=1)  # stop_after_epoch=3: epoch index 2 is the 3rd
+
+
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, path)

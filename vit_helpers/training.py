@@ -46,7 +46,8 @@ from vit_helpers.files import atomic_write
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+    """The training loss, the gradients or the weights became NaN or infinite; training stopped and the last good
+    checkpoint was kept (no checkpoint is ever written with non-finite weights)."""
 
 
 @dataclass
@@ -139,9 +140,12 @@ def is_main_process() -> bool:
     return distributed_info()[0] == 0
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(wait: bool = True) -> None:
+    """Leave the process group. `wait`: first let every process (rank 0 writing its files) finish; pass False
+    on the way out of an error, when other processes may be gone already and a barrier would never return."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # let rank 0 finish writing files before anyone leaves
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -247,6 +251,9 @@ class EpochTally:
     loss_sum: torch.Tensor | float = 0.0
     correct: torch.Tensor | int = 0
     seconds: float = 0.0
+    # Steps whose gradient norm was NaN or infinite: the optimizer then wrote non-finite weights even where the
+    # loss itself was finite (an overflow in the backward pass). Identical on every process under DDP.
+    nonfinite_gradient_steps: torch.Tensor | int = 0
 
     def totals(self, distributed: bool) -> tuple[float, float, int]:
         """(loss_sum, correct, count), summed over every process. Reading them synchronises with the GPU."""
@@ -338,6 +345,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     skip = tally.step
     tally.loss_sum = torch.as_tensor(tally.loss_sum, dtype=torch.float32, device=device)
     tally.correct = torch.as_tensor(tally.correct, dtype=torch.int64, device=device)
+    tally.nonfinite_gradient_steps = torch.as_tensor(tally.nonfinite_gradient_steps, dtype=torch.int64, device=device)
     model.train()
     bar = tqdm(total=len(loader), initial=skip, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                disable=not progress or rank != 0, dynamic_ncols=True)
@@ -350,8 +358,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
             targets = labels
             if mixer is not None:
                 images, targets = mixer(images, labels)  # targets: (batch, num_classes) probabilities
-            loss, logits = _train_step(model, images, targets, optimizer, scheduler, loss_fn, device, config)
+            loss, logits, gradient_norm = _train_step(model, images, targets, optimizer, scheduler, loss_fn, device,
+                                                      config)
             tally.loss_sum += loss * labels.shape[0]
+            if gradient_norm is not None:
+                tally.nonfinite_gradient_steps += (~torch.isfinite(gradient_norm)).long()
             tally.correct += (logits.argmax(dim=-1) == labels).sum()
             tally.count += labels.shape[0]
             tally.step = index + 1
@@ -377,21 +388,37 @@ def _train_step(model, images, targets, optimizer, scheduler, loss_fn, device, c
         logits = model(images)  # (batch, num_classes)
     loss = loss_fn(logits.float(), targets)  # targets: class indices, or probabilities after mixing
     loss.backward()
-    if config.clip_norm:
-        nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+    # The norm before clipping: NaN or infinite when any gradient is (clipping cannot repair that).
+    gradient_norm = nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm) if config.clip_norm else None
     optimizer.step()
     scheduler.step()
-    return loss.detach(), logits.detach()
+    return loss.detach(), logits.detach(), gradient_norm
 
 
 def _check_and_show(tally: EpochTally, bar, epoch: int, distributed: bool) -> None:
-    loss_sum, correct, count = tally.totals(distributed)
-    if not math.isfinite(loss_sum):
-        raise NonFiniteLossError(
-            f"the training loss became {loss_sum / count} in epoch {epoch + 1} (by step {tally.step}). "
-            f"Lower the learning rate (--lr), lengthen the warm-up, or look for NaNs in the data.")
+    loss_sum, correct, count = _checked_totals(tally, epoch, distributed)
     bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.4f}",
                     img_s=f"{count / max(tally.seconds, 1e-9):.0f}", refresh=False)
+
+
+NON_FINITE_ADVICE = "Lower the learning rate (--lr), lengthen the warm-up, or look for NaNs in the data."
+
+
+def _checked_totals(tally: EpochTally, epoch: int, distributed: bool) -> tuple[float, float, int]:
+    """`tally.totals`, after checking that no loss and no gradient so far was NaN or infinite."""
+    loss_sum, correct, count = tally.totals(distributed)
+    if not math.isfinite(loss_sum):
+        raise NonFiniteLossError(f"the training loss became {loss_sum / count} in epoch {epoch + 1} (by step "
+                                 f"{tally.step}). {NON_FINITE_ADVICE}")
+    if int(tally.nonfinite_gradient_steps) > 0:
+        raise NonFiniteLossError(f"the gradients became NaN or infinite in epoch {epoch + 1} (by step "
+                                 f"{tally.step}), so the weights did too. {NON_FINITE_ADVICE}")
+    return loss_sum, correct, count
+
+
+def _weights_are_finite(model: nn.Module) -> bool:
+    """One check (one wait for the GPU) over every parameter."""
+    return bool(torch.stack([parameter.isfinite().all() for parameter in model.parameters()]).all())
 
 
 @torch.no_grad()
@@ -570,14 +597,15 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
     - `checkpoint_path`: written atomically (by rank 0) every `config.checkpoint_every` epochs and at the end.
     - `resume=True`: continue from `checkpoint_path`; from an end-of-epoch checkpoint the result is identical
       to an uninterrupted run.
-    - `stop_after_epoch` / `time_limit_s`: end this session early (after that epoch / the first epoch that ends
-      past the limit) without shortening the schedule; `resume=True` later finishes it.
+    - `stop_after_epoch` / `time_limit_s`: end this session early (after that epoch / after the last epoch that,
+      at the pace of the one before, ends within the limit) without shortening the schedule; `resume=True` later
+      finishes it.
     - Ctrl-C (single process): the current step finishes, a checkpoint of this mid-epoch state is written and
       KeyboardInterrupt is raised. Resuming it re-reads the interrupted epoch's first batches without training
       on them, so data order and augmentations continue as in an uninterrupted run; only randomness drawn by
       the steps themselves (dropout, MixUp/CutMix) differs. Under torchrun Ctrl-C stops the processes; the last
       end-of-epoch checkpoint stays.
-    - A NaN or infinite loss raises NonFiniteLossError and leaves the last checkpoint as it was.
+    - A NaN or infinite loss or gradient norm raises NonFiniteLossError and leaves the last checkpoint as it was.
     """
     config = dataclasses.replace(config or TrainConfig(), **({"epochs": epochs} if epochs else {}))
     rank, world_size = distributed_info()
@@ -611,6 +639,12 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
             try:
                 tally = train_one_epoch(train_model, train_loader, optimizer, scheduler, loss_fn, device, config,
                                         epoch, tally, stop, progress, mixer)
+                # The checks inside the epoch run every log_every steps; these catch the steps since, and make
+                # sure no checkpoint is ever written with NaN weights.
+                _checked_totals(tally, epoch, world_size > 1)
+                if not _weights_are_finite(model):
+                    raise NonFiniteLossError(f"the weights became NaN or infinite in epoch {epoch + 1}. "
+                                             f"{NON_FINITE_ADVICE}")
             except NonFiniteLossError as error:
                 written = checkpoint_path is not None and Path(checkpoint_path).is_file()
                 kept = f"the last good checkpoint, {checkpoint_path}, is unchanged" if written else \
@@ -626,7 +660,8 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
             tally = None
             if rank == 0 and progress:
                 tqdm.write(_summary_line(record, config.epochs))
-            stopping = stop.requested or _should_stop(epoch, stop_after_epoch, time_limit_s, started, world_size)
+            stopping = stop.requested or _should_stop(epoch, stop_after_epoch, time_limit_s, started,
+                                                      record["seconds"], world_size)
             if stopping or epoch + 1 == config.epochs or (epoch + 1) % config.checkpoint_every == 0:
                 save(model, epoch + 1, history)
             if stop.requested:  # Ctrl-C during the epoch's last step: the epoch is complete and saved
@@ -645,8 +680,10 @@ def _wrap_for_training(model, device, config, world_size):
     compile_model = config.compile if config.compile is not None else device.type == "cuda"
     if not compile_model:
         return train_model, model
-    return (torch.compile(train_model, mode=config.compile_mode),
-            torch.compile(model, mode=config.compile_mode))
+    # dynamic=False: one static graph per batch shape (the full batches, then the last, smaller test batch).
+    # Otherwise the second shape seen makes the compiler regenerate the graph with symbolic sizes, slower kernels.
+    return (torch.compile(train_model, mode=config.compile_mode, dynamic=False),
+            torch.compile(model, mode=config.compile_mode, dynamic=False))
 
 
 def _saver(rank, checkpoint_path, optimizer, scheduler, config, class_names, metadata):
@@ -659,10 +696,7 @@ def _saver(rank, checkpoint_path, optimizer, scheduler, config, class_names, met
 
 
 def _epoch_record(epoch, tally, test, scheduler, world_size, epoch_started) -> dict[str, float]:
-    loss_sum, correct, count = tally.totals(world_size > 1)
-    if not math.isfinite(loss_sum):  # the check inside the epoch runs every log_every steps; this catches the rest
-        raise NonFiniteLossError(f"the training loss became {loss_sum / count} in epoch {epoch + 1}; "
-                                 f"training stopped and the last checkpoint is unchanged.")
+    loss_sum, correct, count = tally.totals(world_size > 1)  # checked finite by fit
     return {
         "epoch": epoch + 1,
         "train_loss": loss_sum / count,
@@ -681,9 +715,11 @@ def _summary_line(record: dict[str, float], epochs: int) -> str:
             f" | lr {record['lr']:.2e} | {record['images_per_second']:.0f} img/s | {record['seconds']:.1f} s")
 
 
-def _should_stop(epoch, stop_after_epoch, time_limit_s, started, world_size) -> bool:
+def _should_stop(epoch, stop_after_epoch, time_limit_s, started, epoch_seconds, world_size) -> bool:
+    """After `epoch`: stop at `stop_after_epoch`, or when another epoch as long as this one would end past the
+    time limit (stopping only once past it would overshoot by up to an epoch)."""
     stop = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
-    stop = stop or (time_limit_s is not None and time.perf_counter() - started > time_limit_s)
+    stop = stop or (time_limit_s is not None and time.perf_counter() - started + epoch_seconds > time_limit_s)
     if world_size > 1:  # the clocks differ between ranks: stop if any rank says so
         flag = torch.tensor(float(stop), device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
