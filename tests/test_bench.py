@@ -66,3 +66,26 @@ def test_profile_prints_each_implementations_top_operators(capsys):
     assert "Self CPU" in section and "aten::" in section  # torch.profiler's table, by operator
     operator_rows = [line for line in section.splitlines() if line.strip().startswith(("aten::", "Optimizer"))]
     assert 1 <= len(operator_rows) <= 5
+
+
+def test_out_of_memory_becomes_a_note_also_when_the_compiler_wraps_it(monkeypatch):
+    config = ViTConfig.named("ViT-Ti/16", image_size=32, num_classes=10)
+    timing = bench.Timing(steps=1, warmup_steps=0)
+
+    def failing_with(error):
+        def make_step(*args, **kwargs):
+            raise error
+        return make_step
+
+    try:  # how torch.compile reports an error raised while it compiles: its own exception, the original as cause
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    except torch.OutOfMemoryError as out_of_memory:
+        wrapped = RuntimeError("backend compiler failed")
+        wrapped.__cause__ = out_of_memory
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), wrapped):
+        monkeypatch.setattr(bench, "make_step", failing_with(error))
+        result = bench.bench_one("ours", "train", config, 2, torch.device("cpu"), timing, ceiling=1e12)
+        assert result.note == "out of memory: lower --batch-size" and result.images_per_second is None
+    monkeypatch.setattr(bench, "make_step", failing_with(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is a bug: it is not hidden
+        bench.bench_one("ours", "train", config, 2, torch.device("cpu"), timing, ceiling=1e12)

@@ -193,6 +193,17 @@ def profile_table(step: Callable[[], None], device: torch.device, rows: int) -> 
     return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
 
 
+def _caused_by_out_of_memory(error: BaseException | None) -> bool:
+    """True for torch.OutOfMemoryError, also where the compiler re-raised it wrapped in an error of its own."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def bench_one(implementation: str, mode: str, config: ViTConfig, batch_size: int, device: torch.device,
               timing: Timing, ceiling: float) -> BenchResult:
     result = BenchResult(implementation, mode, batch_size, timing.compile)
@@ -207,11 +218,17 @@ def bench_one(implementation: str, mode: str, config: ViTConfig, batch_size: int
         if timing.profile_rows > 0:
             result.profile = profile_table(step, device, timing.profile_rows)
         del step  # it holds the model, its optimizer state and the compiled graphs
-    except torch.OutOfMemoryError:
+    except Exception as error:
+        if not _caused_by_out_of_memory(error):
+            raise
         result.note = "out of memory: lower --batch-size"
         return result
     finally:
         del model
+        if timing.compile:
+            # Forget the compiled graphs (and free CUDA graphs' memory pools): the next model would otherwise
+            # count as a recompilation of the same forward and, past torch._dynamo's limit, run uncompiled.
+            torch._dynamo.reset()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
