@@ -381,6 +381,7 @@ def plot_attention_rollout(images: torch.Tensor, class_token_maps: torch.Tensor,
     axes[0, 0].set_ylabel("Input")
     axes[1, 0].set_ylabel("Attention")
     _hide_ticks(axes)
+    figure.suptitle("Attention rollout: the input weighted by the class token's attention")
     return figure
 
 
@@ -401,6 +402,7 @@ def plot_mean_attention_distance(distances: torch.Tensor, image_size: int | None
     ax.set_ylim(0, image_size if image_size is not None else None)
     if num_heads <= 16:
         ax.legend(fontsize="x-small", ncol=2, loc="lower right")
+    figure.suptitle("Mean attention distance of each head")
     return figure
 
 

@@ -60,7 +60,7 @@ class ViTConfig:
     num_layers: int = 12  # L
     num_heads: int = 12  # k in Appendix A
     mlp_dim: int = 3072  # width of the MLP's hidden layer
-    dropout: float = 0.0  # Appendix B.1: 0.1 when training from scratch on ImageNet, 0 for the large sets
+    dropout: float = 0.0  # Appendix B.1, Table 3: 0.1 for ImageNet and ImageNet-21k, 0.0 for JFT-300M
     attention_dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -208,8 +208,9 @@ class MultiheadSelfAttention(nn.Module):
     [q, k, v] = z U_qkv comes from one fused Linear `qkv` (one matrix product instead of three), and the heads'
     outputs are mixed by `proj` (U_msa). Two paths compute the same function:
     - the explicit one writes softmax(QK^T / sqrt(D_h)) V out, and can return the attention weights;
-    - `F.scaled_dot_product_attention` fuses it into one kernel (flash attention on GPUs) that never stores the
-      (tokens x tokens) weight matrix. It is used whenever the weights are not asked for.
+    - `F.scaled_dot_product_attention` fuses it into one kernel that never stores the (tokens x tokens) weight
+      matrix: on CUDA, flash attention under bf16 autocast, a memory-efficient fused kernel in float32 (flash
+      attention takes only 16-bit inputs). It is used whenever the weights are not asked for.
     """
 
     def __init__(self, embed_dim: int = 768, num_heads: int = 12, attention_dropout: float = 0.0,
@@ -365,7 +366,7 @@ class ViT(nn.Module):
           separate D x D layers, so each third of our fused `qkv` weight gets its own Xavier bound, not one bound
           computed over the fused 3D x D matrix;
         - MLP: Xavier uniform, bias normal with std 1e-6;
-        - head: zeros, as the official code (and section 3.1's "zero-initialized D x K feedforward layer" when
+        - head: zeros, as the official code (and section 3.2's "zero-initialized D x K feedforward layer" when
           fine-tuning), so the first logits are all equal and the loss starts exactly at log(num_classes);
         - LayerNorm: weight one, bias zero (PyTorch's default).
         """

@@ -354,8 +354,8 @@ def load_into(model: ViT, state_dict: Mapping, verbose: bool = True) -> list[str
 def replace_head(model: ViT, num_classes: int) -> ViT:
     """Give `model` a new zero-initialised head for `num_classes` classes; every other tensor is untouched.
 
-    Section 3.1: "For fine-tuning, we remove the pre-trained prediction head and attach a zero-initialized D x K
-    feedforward layer, where K is the number of downstream classes." With zeros, the first logits are all equal,
+    Section 3.2, on fine-tuning: "For this, we remove the pre-trained prediction head and attach a zero-initialized
+    D x K feedforward layer, where K is the number of downstream classes." With zeros, the first logits are all equal,
     so fine-tuning starts from the pre-trained features without a random head disturbing them. Updates
     `model.config.num_classes`; returns the same model.
     """
