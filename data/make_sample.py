@@ -4,7 +4,7 @@
     python data/make_sample.py                      # writes data/sample/{train,test}/<class>/<index>.png
 
 The sample is balanced: 400 training images per class drawn from Fashion-MNIST's training split and 100 test
-images per class from its test split (5,000 PNGs, 28x28 grayscale, about 1.7 MB). The draw is seeded, so the
+images per class from its test split (5,000 PNGs, 28x28 grayscale, about 2.5 MB). The draw is seeded, so the
 same source files always give the same sample; each PNG is named after its index in the original split, so any
 image can be traced back. The script needs only numpy and Pillow (both come with torchvision).
 """

@@ -2,10 +2,14 @@
 sample, splits, transforms, loaders and the cached device loaders. Local fixtures only, built in tmp_path."""
 
 import importlib.util
+import io
+import json
 import math
 import os
 import pickle
 import re
+import sys
+import time
 import urllib.error
 import warnings
 import zipfile
@@ -153,21 +157,48 @@ def test_prepare_is_idempotent(tmp_path, kaggle_zip):
     assert snapshot(dest) == before  # same files, same bytes, same mtimes
 
 
+#: Members that would land outside dest on Linux or on Windows (a drive in any part, a device name), in which
+#: a backslash is a separator too.
+ESCAPES = ["../evil.jpg", "raw-img/cane/../../evil2.jpg", "raw-img/../../../evil3.jpg",
+           "raw-img/gatto/..\\..\\evil4.jpg", "raw-img\\cane\\D:evil5.png", "raw-img/cane/C:evil6.jpg",
+           "C:/raw-img/cane/evil7.jpg", "raw-img/cane/evil8.jpg:stream", "raw-img/cane/CON.jpg",
+           "raw-img/gatto/nul.png", "raw-img/gatto/Com1.jpeg", "raw-img/cane/lpt9.x.jpg", "raw-img/cane/AUX .png",
+           "raw-img/cane/PRN", "raw-img/aux/evil9.jpg"]
+
+
 def test_archive_entries_that_escape_dest_are_refused(tmp_path, kaggle_folder):
     outside = tmp_path / "outside"
-    escapes = {"../evil.jpg": b"x", "raw-img/cane/../../evil2.jpg": b"x", "raw-img/../../../evil3.jpg": b"x",
-               (outside / "absolute.jpg").as_posix(): b"x", "raw-img/gatto/..\\..\\evil4.jpg": b"x"}
+    escapes = {name: b"x" for name in ESCAPES + [(outside / "absolute.jpg").as_posix()]}
     archive = zip_folder(kaggle_folder, tmp_path / "hostile.zip", extra=escapes)
+    with zipfile.ZipFile(archive, "a") as zf:  # a symbolic link stored in the zip, pointing outside
+        link = zipfile.ZipInfo("raw-img/cane/link.jpg")
+        link.external_attr = 0o120777 << 16
+        zf.writestr(link, str(outside / "secret.jpg"))
     dest = tmp_path / "work" / "animals10"
     before = set(tmp_path.rglob("*"))
     with pytest.warns(UserWarning) as caught:
         prepare_animals10(archive, dest, quiet=True)
     refused = " ".join(str(w.message) for w in caught if "refused" in str(w.message))
-    assert all(name in refused for name in ("evil.jpg", "evil2.jpg", "evil3.jpg", "evil4.jpg", "absolute.jpg"))
+    for name in list(escapes) + ["raw-img/cane/link.jpg"]:
+        assert repr(name) in refused, name
+    assert "'raw-img/cane/link.jpg' (symbolic link)" in refused
     written = set(tmp_path.rglob("*")) - before - {dest.parent, dest}
     assert written and all(dest in p.parents for p in written), sorted(written - set(dest.rglob("*")))
     assert not outside.exists()
-    assert data.count_images(dest) == expected_english_counts()
+    assert data.count_images(dest) == expected_english_counts()  # none of them landed in dest either
+    assert data._animals10_entry("raw-img/cane/console.jpg") == ("dog", "console.jpg")  # not a device name
+
+
+def test_a_target_outside_staging_is_refused_before_it_is_opened(tmp_path, kaggle_folder, monkeypatch):
+    """The last guard, whatever the member name checks miss: every path must resolve inside the work folder."""
+    archive = zip_folder(kaggle_folder, tmp_path / "archive.zip", extra={"raw-img/cane/sly.jpg": b"x"})
+    real_entry = data._animals10_entry
+    monkeypatch.setattr(data, "_animals10_entry", lambda name: ("dog", "../../escaped.jpg")
+                        if name.endswith("sly.jpg") else real_entry(name))
+    with pytest.warns(UserWarning) as caught:
+        prepare_animals10(archive, tmp_path / "dest", quiet=True)
+    assert any("'raw-img/cane/sly.jpg' (would land outside" in str(w.message) for w in caught)
+    assert not list(tmp_path.rglob("escaped.jpg"))
 
 
 def test_symbolic_links_in_a_folder_source_are_refused(tmp_path, kaggle_folder):
@@ -229,49 +260,143 @@ def kaggle_api(fake_home, monkeypatch):
     return KaggleApi
 
 
-def test_download_renames_a_whole_archive_then_prepares(tmp_path, kaggle_zip, kaggle_api, monkeypatch):
+class FakeKaggle:
+    """Kaggle's servers at the HTTP layer (requests' HTTPAdapter.send, where bytes would cross the network), so
+    kaggle's own dataset_download_files runs: it asks the API for the dataset, follows the redirect to storage
+    and streams the archive into <slug>.zip with its progress bar and size check.
+
+    `payload` is what storage serves; `offline` refuses every connection; `claimed_size` makes storage announce
+    more bytes than it sends (a download cut short)."""
+
+    API = "https://api.kaggle.com/v1/datasets.DatasetApiService/DownloadDataset"
+    STORAGE = "https://storage.googleapis.com/kaggle-data-sets/animals10/archive.zip"
+
+    def __init__(self, payload: bytes):
+        self.payload, self.offline, self.claimed_size, self.on_storage = payload, False, None, None
+        self.requests = []
+
+    def send(self, adapter, request, **settings):
+        import requests
+        import urllib3
+
+        self.requests.append((request.method, request.url.split("?")[0], request.headers.get("Authorization")))
+        if self.offline:
+            raise requests.exceptions.ConnectionError("Failed to resolve 'api.kaggle.com'")
+        if request.url == self.API:
+            status, body, headers = 302, b"", {"Location": self.STORAGE + "?X-Goog-Signature=abc"}
+        else:
+            if self.on_storage:
+                self.on_storage()
+            status, body = 200, self.payload
+            headers = {"Content-Type": "application/zip", "Content-Length": str(self.claimed_size or len(body)),
+                       "Last-Modified": "Sun, 17 Nov 2019 10:00:00 GMT", "Accept-Ranges": "bytes"}
+        raw = urllib3.HTTPResponse(body=io.BytesIO(body), headers=headers, status=status, preload_content=False,
+                                   request_method=request.method, enforce_content_length=False)
+        return adapter.build_response(request, raw)
+
+    def downloads(self) -> int:
+        return sum(url == self.STORAGE for _, url, _ in self.requests)
+
+
+@pytest.fixture
+def kaggle_server(kaggle_api, kaggle_zip, monkeypatch) -> FakeKaggle:
+    import requests.adapters
+
+    server = FakeKaggle(kaggle_zip.read_bytes())
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send",
+                        lambda adapter, request, **settings: server.send(adapter, request, **settings))
+    return server
+
+
+def test_download_renames_a_whole_archive_then_prepares(tmp_path, kaggle_server, capsys):
     dest = tmp_path / "data" / "animals10"
-    calls = []
 
-    def fake_download(self, dataset, path=None, force=False, quiet=True, unzip=False, licenses=[]):
-        calls.append((dataset, Path(path)))
+    def storage_answers():
         assert not dest.with_name("animals10.zip").exists()  # the final name appears only when whole
-        (Path(path) / "animals10.zip").write_bytes(kaggle_zip.read_bytes())
 
-    monkeypatch.setattr(kaggle_api, "dataset_download_files", fake_download)
+    kaggle_server.on_storage = storage_answers
     with pytest.warns(UserWarning, match="differs"):
         assert data.download_animals10(dest, quiet=True) == dest
-    assert calls == [("alessiocorrado99/animals10", dest.with_name("animals10.zip.part"))]
+    # kaggle's own code ran: it asked the API with the credentials, then fetched from storage without them.
+    assert [(method, url, (auth or "")[:6]) for method, url, auth in kaggle_server.requests] == [
+        ("POST", FakeKaggle.API, "Basic "), ("GET", FakeKaggle.STORAGE, "")]
     assert data.count_images(dest) == expected_english_counts()
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["animals10"]  # archive and .part folder removed
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["animals10"]  # archive and work folder removed
+    output = capsys.readouterr()
+    assert "100%" in output.err and "Dataset URL" not in output.out  # the progress bar shows; quiet hides the rest
 
-    def no_network(*args, **kwargs):
-        raise AssertionError("a prepared folder must not be downloaded again")
-
-    monkeypatch.setattr(kaggle_api, "dataset_download_files", no_network)
     with pytest.warns(UserWarning, match="differs"):
         assert data.download_animals10(dest, quiet=True) == dest
+    assert kaggle_server.downloads() == 1  # a prepared folder is not downloaded again
 
 
-def test_an_archive_downloaded_by_hand_is_prepared_without_kaggle_and_kept(tmp_path, kaggle_zip, fake_home):
+def test_the_download_command_shows_kaggles_progress_bar(tmp_path, kaggle_server, capsys):
+    from vit_helpers.cli import main
+
+    with pytest.warns(UserWarning, match="differs"):
+        assert main(["download", "animals10", "--dest", str(tmp_path / "animals10")]) == 0
+    output = capsys.readouterr()
+    total = sum(expected_english_counts().values())
+    assert "100%" in output.err  # the bar, although the command asks download_animals10 to be quiet
+    assert output.out.startswith(f"animals10 is ready in {tmp_path / 'animals10'}: {total} images (")
+    assert len(output.out.strip().splitlines()) == 1
+
+
+def test_progress_false_hides_the_bar_and_quiet_false_prints_the_counts(tmp_path, kaggle_server, capsys):
+    with pytest.warns(UserWarning, match="differs"):
+        data.download_animals10(tmp_path / "data" / "animals10", progress=False, keep_archive=True)
+    output = capsys.readouterr()
+    assert "100%" not in output.err and "dog" in output.out
+    # kept: the bytes storage sent, under the name Kaggle gave them (<slug>.zip) and then ours
+    assert (tmp_path / "data" / "animals10.zip").read_bytes() == kaggle_server.payload
+
+
+def test_an_archive_downloaded_by_hand_is_used_and_kept_even_with_force(tmp_path, kaggle_zip, kaggle_server):
     archive = tmp_path / "data" / "animals10.zip"
     archive.parent.mkdir()
     archive.write_bytes(kaggle_zip.read_bytes())
     with pytest.warns(UserWarning, match="differs"):
         dest = data.download_dataset("animals10", tmp_path / "data" / "animals10")
     assert data.count_images(dest) == expected_english_counts() and archive.is_file()
+    (dest / "dog" / "extra.jpg").write_bytes(b"not from the archive")
+    with pytest.warns(UserWarning, match="differs"):
+        data.download_animals10(dest, force=True, quiet=True)
+    assert not (dest / "dog" / "extra.jpg").exists()  # prepared again...
+    assert archive.read_bytes() == kaggle_zip.read_bytes() and kaggle_server.requests == []  # ...from the user's
     assert data.download_dataset("sample") == ROOT / "data" / "sample"
     with pytest.raises(DatasetError, match="unknown dataset"):
         data.download_dataset("imagenet")
 
 
+def test_force_downloads_again_an_archive_it_downloaded_and_kept(tmp_path, kaggle_server):
+    dest = tmp_path / "data" / "animals10"
+    with pytest.warns(UserWarning, match="differs"):
+        data.download_animals10(dest, quiet=True, keep_archive=True)
+        data.download_animals10(dest, force=True, quiet=True)
+    assert kaggle_server.downloads() == 2
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["animals10"]  # not kept the second time
+
+
 def test_missing_credentials_give_a_clear_error_naming_the_three_ways(tmp_path, fake_home):
     assert data.kaggle_credentials_source() is None
     with pytest.raises(KaggleCredentialsError) as error:
-        data.download_animals10(tmp_path / "data" / "animals10")  # a SystemExit would fail this test
+        data.download_animals10(tmp_path / "data" / "animals10")  # our pre-check raises before kaggle is asked
     message = str(error.value)
     assert "KAGGLE_API_TOKEN" in message and "kaggle.json" in message and "KAGGLE_USERNAME" in message
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_kaggles_own_exit_without_credentials_becomes_the_clear_error(tmp_path, fake_home, monkeypatch, capsys):
+    """The pre-check bypassed: kaggle's real authenticate() finds nothing, prints its help and calls exit(1)."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    capsys.readouterr()
+    monkeypatch.setattr(KaggleApi, "config", str(fake_home / "none" / "kaggle.json"))  # fixed at kaggle's import
+    monkeypatch.setattr(data, "kaggle_credentials_source", lambda: "somewhere the pre-check wrongly saw")
+    with pytest.raises(KaggleCredentialsError, match="KAGGLE_USERNAME") as error:
+        data.download_animals10(tmp_path / "data" / "animals10", quiet=True)
+    assert isinstance(error.value.__context__, SystemExit)  # kaggle did call exit(1), and it did not escape
+    assert "Authentication required" not in capsys.readouterr().out  # nor did kaggle's page of help
 
 
 def test_each_credential_source_is_recognised(fake_home, monkeypatch):
@@ -282,6 +407,40 @@ def test_each_credential_source_is_recognised(fake_home, monkeypatch):
     assert data.kaggle_credentials_source().endswith("access_token")
     monkeypatch.setenv("KAGGLE_API_TOKEN", "token")
     assert data.kaggle_credentials_source() == "KAGGLE_API_TOKEN"
+
+
+def test_the_credential_check_follows_the_kaggle_package(fake_home, tmp_path, monkeypatch):
+    from kagglesdk.kaggle_env import get_access_token_from_env
+
+    xdg = tmp_path / "xdg"
+    (xdg / "kaggle").mkdir(parents=True)
+    (xdg / "kaggle" / "kaggle.json").write_text('{"username": "u", "key": "k"}')
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert data.kaggle_credentials_source() == str(xdg / "kaggle" / "kaggle.json")  # Linux, no ~/.kaggle
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert data.kaggle_credentials_source() is None  # kaggle reads XDG only on Linux
+    (fake_home / ".kaggle").mkdir()
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert data.kaggle_credentials_source() is None  # nor on Linux when ~/.kaggle exists
+    # Inside a Kaggle notebook the token is in the file KAGGLE_API_V1_TOKEN names.
+    token = tmp_path / "v1_token"
+    token.write_text("secret\n")
+    monkeypatch.setenv("KAGGLE_API_V1_TOKEN", str(token))
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    assert data.kaggle_credentials_source() is None and get_access_token_from_env()[0] is None  # no proxy URL
+    monkeypatch.setenv("KAGGLE_DATA_PROXY_URL", "http://proxy")
+    assert data.kaggle_credentials_source() == "KAGGLE_API_V1_TOKEN"
+    assert get_access_token_from_env() == ("secret", "KAGGLE_API_V1_TOKEN")
+    # KAGGLE_API_TOKEN may name a file; an empty one means no token, as in kaggle.
+    for name in ("KAGGLE_API_V1_TOKEN", "KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_DATA_PROXY_URL"):
+        monkeypatch.delenv(name)
+    token.write_text("")
+    monkeypatch.setenv("KAGGLE_API_TOKEN", str(token))
+    (fake_home / ".kaggle" / "access_token").write_text("token")
+    assert data.kaggle_credentials_source() is None and get_access_token_from_env()[0] is None
+    (fake_home / ".kaggle" / "credentials.json").write_text('{"refresh_token": "r"}')
+    assert data.kaggle_credentials_source().endswith("(kaggle auth login)")
 
 
 @pytest.mark.parametrize("failure", [SystemExit(1), NameError("name 'exit' is not defined")])
@@ -295,21 +454,19 @@ def test_kaggle_exiting_while_signing_in_becomes_the_clear_error(tmp_path, kaggl
         data.download_animals10(tmp_path / "data" / "animals10", quiet=True)
 
 
-def test_an_offline_download_leaves_nothing_half_written(tmp_path, kaggle_api, monkeypatch):
-    import requests
-
-    def offline(self, dataset, path=None, **kwargs):
-        (Path(path) / "animals10.zip").write_bytes(b"PK\x03\x04 half an archive")
-        raise requests.exceptions.ConnectionError("Failed to resolve 'www.kaggle.com'")
-
-    monkeypatch.setattr(kaggle_api, "dataset_download_files", offline)
+@pytest.mark.parametrize("failure", ["offline", "cut short"])
+def test_a_failed_download_leaves_nothing_half_written(tmp_path, kaggle_server, failure):
+    if failure == "offline":
+        kaggle_server.offline = True
+    else:
+        kaggle_server.claimed_size = len(kaggle_server.payload) + 1000  # kaggle's own size check catches it
     data_dir = tmp_path / "data"
-    with pytest.raises(DownloadError, match="internet connection"):
+    with pytest.raises(DownloadError, match="internet connection" if failure == "offline" else "does not match"):
         data.download_animals10(data_dir / "animals10", quiet=True)
     assert list(data_dir.iterdir()) == []
 
 
-def test_find_animals10_says_why_and_never_raises(tmp_path, kaggle_zip, kaggle_api, monkeypatch):
+def test_find_animals10_says_why_and_never_raises(tmp_path, kaggle_server, monkeypatch):
     """What the notebooks use to choose Animals-10 or the shipped sample."""
     dest = tmp_path / "data" / "animals10"
     monkeypatch.delenv("KAGGLE_USERNAME")
@@ -317,23 +474,85 @@ def test_find_animals10_says_why_and_never_raises(tmp_path, kaggle_zip, kaggle_a
     monkeypatch.setenv("KAGGLE_USERNAME", "student")
     folder, why = data.find_animals10(dest, download=False)
     assert folder is None and "not prepared" in why
-
-    def offline(self, dataset, path=None, **kwargs):
-        import requests
-        raise requests.exceptions.ConnectionError("Failed to resolve 'www.kaggle.com'")
-
-    monkeypatch.setattr(kaggle_api, "dataset_download_files", offline)
+    kaggle_server.offline = True
     folder, why = data.find_animals10(dest)
     assert folder is None and why.startswith("downloading Animals-10 failed")
-
-    def download(self, dataset, path=None, **kwargs):
-        (Path(path) / "animals10.zip").write_bytes(kaggle_zip.read_bytes())
-
-    monkeypatch.setattr(kaggle_api, "dataset_download_files", download)
+    kaggle_server.offline = False
     with pytest.warns(UserWarning, match="differs"):
         assert data.find_animals10(dest) == (dest, "Animals-10 was downloaded with the credentials from "
                                                    "KAGGLE_USERNAME and KAGGLE_KEY")
     assert data.find_animals10(dest) == (dest, f"Animals-10 is prepared in {dest}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Animals-10: damaged archives, leftovers of killed runs
+# --------------------------------------------------------------------------------------------------------------
+
+def damaged_copy(archive: Path, out: Path) -> Path:
+    """The archive with one byte of an image flipped: still a zip (is_zipfile passes), but its CRC fails."""
+    raw = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        member = next(info for info in zf.infolist() if info.filename.endswith(".png"))
+        payload = zf.read(member)
+    position = raw.find(payload) + len(payload) // 2
+    raw[position] ^= 0xFF
+    out.write_bytes(bytes(raw))
+    assert zipfile.is_zipfile(out)
+    return out
+
+
+def test_a_damaged_archive_is_a_clear_error_that_leaves_nothing(tmp_path, kaggle_zip):
+    damaged = damaged_copy(kaggle_zip, tmp_path / "damaged.zip")
+    dest = tmp_path / "out" / "animals10"
+    with pytest.raises(data.DamagedArchiveError, match=r"damaged\.zip is damaged .*CRC.*delete it"):
+        prepare_animals10(damaged, dest, quiet=True)
+    assert list(dest.parent.iterdir()) == []  # no dest, no work folder
+    not_a_zip = tmp_path / "page.zip"
+    not_a_zip.write_text("<html>Please sign in</html>")
+    with pytest.raises(data.DamagedArchiveError, match="not a zip archive"):
+        prepare_animals10(not_a_zip, dest, quiet=True)
+
+
+def test_a_damaged_download_is_deleted_so_the_next_call_downloads_again(tmp_path, kaggle_zip, kaggle_server):
+    good = kaggle_server.payload
+    kaggle_server.payload = damaged_copy(kaggle_zip, tmp_path / "damaged.zip").read_bytes()
+    dest = tmp_path / "data" / "animals10"
+    with pytest.raises(DatasetError, match="came from Kaggle and has been deleted"):
+        data.download_animals10(dest, quiet=True)
+    assert list(dest.parent.iterdir()) == []
+    kaggle_server.payload = good
+    with pytest.warns(UserWarning, match="differs"):
+        data.download_animals10(dest, quiet=True)
+    assert kaggle_server.downloads() == 2 and data.count_images(dest) == expected_english_counts()
+
+
+def test_a_damaged_archive_put_there_by_hand_is_kept_and_named(tmp_path, kaggle_zip, kaggle_api, capsys):
+    from vit_helpers.cli import main
+
+    archive = damaged_copy(kaggle_zip, tmp_path / "animals10.zip")
+    before = archive.read_bytes()
+    with pytest.raises(DatasetError, match=r"animals10\.zip is damaged .*you put it there\), so it was kept"):
+        data.download_animals10(tmp_path / "animals10", quiet=True)
+    assert archive.read_bytes() == before
+    folder, why = data.find_animals10(tmp_path / "animals10")  # with credentials it tries, and never raises
+    assert folder is None and "animals10.zip is damaged" in why
+    capsys.readouterr()
+    assert main(["download", "animals10", "--dest", str(tmp_path / "animals10")]) == 1  # one line, no traceback
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "is damaged" in error and "Traceback" not in error
+
+
+def test_leftovers_of_killed_runs_are_swept_but_not_those_of_running_ones(tmp_path, kaggle_zip):
+    dead, alive = 99_999_999, os.getppid()  # no process can have that id; our parent is running
+    stale = [f".animals10.{dead}.abcd_123.tmp", ".animals10.abcd_123.tmp", f".animals10.old-{dead}"]
+    kept = [f".animals10.{alive}.abcd_123.tmp", f".animals10.old-{alive}", ".animals10.v2.1.abcd_123.tmp",
+            ".animals10-small.1.abcd_123.tmp", "notes.tmp"]
+    for name in stale + kept:
+        (tmp_path / name / "dog").mkdir(parents=True)
+    with pytest.warns(UserWarning, match="differs"):
+        prepare_animals10(kaggle_zip, tmp_path / "animals10", quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("extracted", kaggle_zip.name)) == sorted(
+        kept + ["animals10"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -380,6 +599,69 @@ def test_resolve_dataset_names_and_paths(tmp_path, monkeypatch, fake_home):
         data.resolve_dataset("sample")
     with pytest.raises(KaggleCredentialsError, match="KAGGLE_API_TOKEN"):
         data.resolve_dataset("animals10")
+
+
+def _two_ranks_fetch_cifar10(rank: int, port: int, root: str) -> None:
+    """One of two torchrun-like processes resolving "cifar10": first with a download that fails, then one that
+    works. torchvision's CIFAR10 is replaced by a fake that logs who called it; prepare_cifar10 is the real one."""
+    import torchvision.datasets
+
+    from vit_helpers import training
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    training.init_distributed("cpu")
+    data.DATA_ROOT = Path(root) / "data"
+    data.PREPARE_WAIT = data.timedelta(seconds=30)  # a rank left waiting fails the test instead of hanging it
+
+    class FakeCIFAR10:
+        offline = True
+
+        def __init__(self, root, train, download):
+            with open(Path(root).parents[1] / "downloads.log", "a") as log:
+                log.write(f"rank {rank} {'train' if train else 'test'}\n")
+            time.sleep(0.5)  # long enough for a second rank to start a download of its own, if it could
+            if FakeCIFAR10.offline:
+                raise urllib.error.URLError("no network")
+            self.classes, self.targets = ["cat", "dog"], [0, 1, 1]
+            self.data = np.zeros((3, 32, 32, 3), dtype=np.uint8)
+
+        def __len__(self):
+            return len(self.targets)
+
+    torchvision.datasets.CIFAR10 = FakeCIFAR10
+    outcomes = []
+    for offline in (True, False):
+        FakeCIFAR10.offline = offline
+        started = time.perf_counter()
+        try:
+            outcome = str(data.resolve_dataset("cifar10"))
+        except DatasetError as error:
+            outcome = f"{type(error).__name__}: {error}"
+        outcomes.append((outcome, time.perf_counter() - started))
+    (Path(root) / f"rank{rank}.json").write_text(json.dumps(outcomes))
+    training.cleanup_distributed()
+
+
+def test_under_torchrun_rank_0_fetches_once_while_the_others_wait_and_its_failure_stops_them(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_two_ranks_fetch_cifar10, args=(port, str(tmp_path)), nprocs=2, join=True)
+    (failed0, seconds0), (ready0, _) = json.loads((tmp_path / "rank0.json").read_text())
+    (failed1, seconds1), (ready1, _) = json.loads((tmp_path / "rank1.json").read_text())
+    assert failed0.startswith("DownloadError") and "cifar-10-python.tar.gz" in failed0
+    assert failed1.startswith("DatasetError: rank 0 could not fetch the data, so rank 1 stops too")
+    assert "DownloadError" in failed1 and seconds1 < 10  # told at once, not after a timeout
+    assert ready0 == ready1 == str(tmp_path / "data" / "cifar10" / "images")
+    # Only rank 0 ever downloaded: once failing (train), once working (train, then test).
+    assert (tmp_path / "downloads.log").read_text().splitlines() == ["rank 0 train", "rank 0 train", "rank 0 test"]
+    assert data.count_images(tmp_path / "data" / "cifar10" / "images" / "test") == {"cat": 1, "dog": 2}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -484,14 +766,18 @@ def test_test_loader_is_unaugmented_and_in_order_and_train_is_augmented(tmp_path
     assert not torch.equal(batches(train, epoch=0)[0], batches(train, epoch=0)[0])  # random crops and flips
 
 
-def test_worker_processes_give_the_same_batches(tmp_path):
+def test_augmentations_drawn_in_worker_processes_are_a_function_of_seed_and_epoch(tmp_path):
     root = make_tree(tmp_path / "tree", per_class=4)
-    _, in_process, _ = make_dataloaders(root, image_size=8, batch_size=4, num_workers=0)
-    _, in_workers, _ = make_dataloaders(root, image_size=8, batch_size=4, num_workers=1)
-    # Workers restart every epoch, taking fresh random streams from the reseeded generator (exact resume).
-    assert in_workers.num_workers == 1 and not in_workers.persistent_workers
-    assert in_workers.pin_memory == torch.cuda.is_available()
-    assert torch.equal(batches(in_process)[0], batches(in_workers)[0])
+    loaders = [make_dataloaders(root, image_size=8, batch_size=4, num_workers=1, seed=3)[0] for _ in range(2)]
+    # Workers restart every epoch, taking fresh random streams from the loader's seeded generator (exact resume).
+    assert loaders[0].num_workers == 1 and not loaders[0].persistent_workers
+    assert loaders[0].pin_memory == torch.cuda.is_available()
+    first, first_labels = batches(loaders[0], epoch=2)
+    again, again_labels = batches(loaders[1], epoch=2)  # another loader, same seed and epoch: the same crops
+    assert torch.equal(first, again) and torch.equal(first_labels, again_labels)
+    other, other_labels = batches(loaders[1], epoch=2)  # its next pass: same order, new random crops and flips
+    assert torch.equal(other_labels, first_labels) and not torch.equal(other, first)
+    assert not torch.equal(batches(loaders[0], epoch=3)[1], first_labels)  # another epoch, another order
 
 
 def test_train_order_is_a_function_of_seed_and_epoch_and_augment_false_is_deterministic(tmp_path):
@@ -507,6 +793,18 @@ def test_train_order_is_a_function_of_seed_and_epoch_and_augment_false_is_determ
     train.sampler.set_epoch(3)
     order = list(train.sampler)
     assert torch.equal(images[0], test_transform(data.load_rgb(train.dataset.samples[order[0]][0])))
+
+
+def test_crop_scale_reaches_the_random_resized_crop_and_bad_values_are_refused(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    train, _, _ = make_dataloaders(root, image_size=8, batch_size=4, num_workers=0, crop_scale=(0.5, 0.9))
+    crops = [t for t in train.dataset.transform.transforms if isinstance(t, data.v2.RandomResizedCrop)]
+    assert len(crops) == 1 and tuple(crops[0].scale) == (0.5, 0.9)
+    default = data.build_transforms(8)[0].transforms[0]
+    assert tuple(default.scale) == data.RANDOM_CROP_SCALE == data.checked_crop_scale(None)
+    for bad in [(0, 1), (0.8, 0.5), (0.5, 1.2), (-0.1, 0.5), (0.5,), (0.1, 0.2, 0.3), "0.5", (float("nan"), 1)]:
+        with pytest.raises(ValueError, match=r"crop_scale must be \(low, high\) with 0 < low <= high <= 1"):
+            make_dataloaders(root, image_size=8, batch_size=4, num_workers=0, crop_scale=bad)
 
 
 def test_strong_augmentation_and_the_constants(tmp_path):

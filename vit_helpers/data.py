@@ -18,17 +18,23 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
 import zipfile
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
@@ -85,8 +91,18 @@ ANIMALS10_COUNTS = {
     "squirrel": 1862, "sheep": 1820, "cat": 1668, "elephant": 1446,
 }
 
+T = TypeVar("T")
+
 #: Written last into a prepared folder: present means complete.
 PREPARED_MARKER = ".prepared.json"
+
+#: Names Windows keeps for devices, with or without an extension: an archive member "raw-img/cane/nul.jpg" would
+#: open the null device there, and "D:evil.png" would land on drive D.
+WINDOWS_DEVICE_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"} | {
+    f"{port}{digit}" for port in ("COM", "LPT") for digit in "123456789\u00b9\u00b2\u00b3"})
+
+#: How long the other ranks of a torchrun job wait while rank 0 downloads and prepares a dataset (600 MB).
+PREPARE_WAIT = timedelta(hours=3)
 
 KAGGLE_CREDENTIALS_HELP = (
     "Kaggle needs your API credentials to download Animals-10. Create a token at "
@@ -109,6 +125,14 @@ class KaggleCredentialsError(DatasetError):
 
 class DownloadError(DatasetError):
     """A download failed (offline, unreachable or refused); nothing was left half-written."""
+
+
+class DamagedArchiveError(DatasetError):
+    """An archive that cannot be read to the end (not a zip, a bad CRC, cut short)."""
+
+    def __init__(self, archive: str | Path, reason: str, advice: str = "delete it and download it again."):
+        self.archive, self.reason = Path(archive), reason
+        super().__init__(f"{archive} is damaged ({reason}): {advice}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,36 +267,70 @@ class VerifiedImageFolder(ImageFolder):
 # --------------------------------------------------------------------------------------------------------------
 
 def kaggle_credentials_source() -> str | None:
-    """Where the kaggle package will find credentials, checked without importing it, in its own order; None
-    when there are none."""
-    token = os.environ.get("KAGGLE_API_TOKEN", "").strip()
-    if token:
-        return "KAGGLE_API_TOKEN"
-    for name in ("access_token", "access_token.txt"):
-        token_file = Path.home() / ".kaggle" / name
-        if token_file.is_file() and token_file.read_text().strip():
-            return str(token_file)
-    config = {}
+    """Where the kaggle package (2.x) will find credentials, checked without importing it and in its order; None
+    when there are none. The order: an access token (`kagglesdk.kaggle_env.get_access_token_from_env`), then
+    kaggle.json and KAGGLE_USERNAME / KAGGLE_KEY (`KaggleApi._load_config`), then `kaggle auth login`'s
+    ~/.kaggle/credentials.json."""
+    token_source = _kaggle_access_token_source()
+    if token_source:
+        return token_source
     kaggle_json = _kaggle_json_path()
-    if kaggle_json.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            config = json.loads(kaggle_json.read_text()) or {}
+    config = {}
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads(kaggle_json.read_text()) or {}
+    config = dict(config) if isinstance(config, dict) else {}
     config.update({k.removeprefix("KAGGLE_").lower(): v for k, v in os.environ.items() if k.startswith("KAGGLE_")})
+    # kaggle only asks that both keys be there; empty values would be refused by Kaggle, so they count as none.
     if config.get("username") and config.get("key"):
         return str(kaggle_json) if kaggle_json.is_file() else "KAGGLE_USERNAME and KAGGLE_KEY"
-    if (Path.home() / ".kaggle" / "credentials.json").is_file():
-        return "~/.kaggle/credentials.json (kaggle auth login)"
+    login = Path.home() / ".kaggle" / "credentials.json"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if json.loads(login.read_text()).get("refresh_token"):
+            return f"{login} (kaggle auth login)"
     return None
 
 
+def _kaggle_access_token_source() -> str | None:
+    """Where kagglesdk's get_access_token_from_env finds an access token, or None; the same steps in its order."""
+    environ = os.environ
+    if environ.get("KAGGLE_KERNEL_RUN_TYPE") is not None and environ.get("KAGGLE_DATA_PROXY_URL") is not None:
+        # Inside Kaggle's own notebooks the token is in a file that KAGGLE_API_V1_TOKEN names.
+        if environ.get("KAGGLE_API_V1_TOKEN") and _read_token(Path(environ["KAGGLE_API_V1_TOKEN"])):
+            return "KAGGLE_API_V1_TOKEN"
+    token = environ.get("KAGGLE_API_TOKEN")
+    if token:
+        # The variable holds the token, or the path of a file holding it (an empty file: no token, as in kaggle).
+        return "KAGGLE_API_TOKEN" if not _exists(Path(token)) or _read_token(Path(token)) else None
+    for name in ("access_token", "access_token.txt"):
+        token_file = Path.home() / ".kaggle" / name
+        if _read_token(token_file):
+            return str(token_file)
+    return None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a token too long to be a file name
+        return False
+
+
+def _read_token(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except (OSError, ValueError):
+        return ""
+
+
 def _kaggle_json_path() -> Path:
-    """kaggle.json where the kaggle package looks: $KAGGLE_CONFIG_DIR, ~/.kaggle, else ~/.config/kaggle."""
+    """kaggle.json where KaggleApi looks: $KAGGLE_CONFIG_DIR, else ~/.kaggle; on Linux only, when ~/.kaggle does not
+    exist, $XDG_CONFIG_HOME/kaggle (default ~/.config/kaggle)."""
     if os.environ.get("KAGGLE_CONFIG_DIR"):
         return Path(os.environ["KAGGLE_CONFIG_DIR"]) / "kaggle.json"
     legacy = Path.home() / ".kaggle"
-    if legacy.exists():
-        return legacy / "kaggle.json"
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle" / "kaggle.json"
+    if sys.platform.startswith("linux") and not legacy.exists():
+        return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle" / "kaggle.json"
+    return legacy / "kaggle.json"
 
 
 def _authenticated_kaggle_api():
@@ -308,52 +366,101 @@ def _download_error(action: str, exc: BaseException) -> DatasetError:
                          f"prepare_animals10(<zip>, <dest>).")
 
 
-def _download_animals10_archive(archive: Path, quiet: bool = False) -> Path:
-    """Download the Kaggle zip into a temporary folder beside `archive`; rename it to `archive` once whole."""
+def _download_animals10_archive(archive: Path, progress: bool = True, quiet: bool = False) -> Path:
+    """Download the Kaggle zip into a work folder beside `archive`; rename it to `archive` once whole.
+
+    kaggle's progress bar shows unless progress=False; quiet=True hides the lines kaggle prints (its URL, ...).
+    """
     if kaggle_credentials_source() is None:
         raise KaggleCredentialsError("no Kaggle credentials found.\n" + KAGGLE_CREDENTIALS_HELP)
     api = _authenticated_kaggle_api()
     archive.parent.mkdir(parents=True, exist_ok=True)
-    partial = archive.with_name(archive.name + ".part")  # a folder: Kaggle names the file inside itself
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
+    partial = _new_work_folder(archive)  # kaggle names the file inside: <dataset slug>.zip
     try:
         try:
-            api.dataset_download_files(ANIMALS10_DATASET, path=str(partial), force=True, quiet=quiet, unzip=False)
+            with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+                api.dataset_download_files(ANIMALS10_DATASET, path=str(partial), force=True, quiet=not progress,
+                                           unzip=False)
         except (Exception, SystemExit) as exc:
             raise _download_error(f"downloading {ANIMALS10_DATASET}", exc) from exc
         zips = sorted(partial.glob("*.zip"))
         if len(zips) != 1 or not zipfile.is_zipfile(zips[0]):
             raise DownloadError(f"Kaggle's download of {ANIMALS10_DATASET} did not give one whole zip archive "
                                 f"(found {[p.name for p in partial.iterdir()]}); try again.")
+        record = _download_record(archive)
+        record.parent.mkdir(exist_ok=True)
+        record.write_text(json.dumps(_file_stamp(zips[0])))  # before the rename, so it is never missing
         os.replace(zips[0], archive)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return archive
 
 
+def _download_record(archive: Path) -> Path:
+    """For an archive that download_animals10 fetched: its size and time, which tell it apart from an archive the
+    user put there (that one is used and kept, never overwritten or deleted). Without it an archive counts as the
+    user's, so deleting .cache/ is safe."""
+    return archive.parent / ".cache" / f"{archive.name}.downloaded.json"
+
+
+def _file_stamp(path: Path) -> dict:
+    stat = path.stat()
+    return {"dataset": ANIMALS10_DATASET, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _downloaded_here(archive: Path) -> bool:
+    """True when `archive` is the very file download_animals10 fetched (its record matches)."""
+    try:
+        return archive.is_file() and _read_json(_download_record(archive)) == _file_stamp(archive)
+    except OSError:
+        return False
+
+
+def _delete_downloaded_archive(archive: Path) -> None:
+    archive.unlink(missing_ok=True)
+    _download_record(archive).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        _download_record(archive).parent.rmdir()  # only if nothing else is cached there
+
+
 def download_animals10(dest: str | Path = "data/animals10", force: bool = False, *, keep_archive: bool = False,
-                       quiet: bool = False) -> Path:
+                       quiet: bool = False, progress: bool = True) -> Path:
     """Download Animals-10 from Kaggle and prepare it as dest/<english class>/<image>; return dest.
 
-    Returns at once when dest is already prepared (force=True downloads and prepares again). The archive
-    (about 600 MB) is fetched as <dest>.zip.part/ and renamed to <dest>.zip when whole, and deleted once the
-    folder is prepared, unless keep_archive=True. An archive already at <dest>.zip (e.g. downloaded by hand) is
-    used without downloading, and kept. Prints the images per class (quiet=True: only warnings and errors).
+    Returns at once when dest is already prepared (force=True prepares it again). The archive (about 600 MB)
+    is fetched with kaggle's progress bar (progress=False hides it) into a work folder beside dest, renamed to
+    <dest>.zip when whole, and deleted once the folder is prepared, unless keep_archive=True; an archive that
+    turns out damaged is deleted too, so the next call downloads it afresh. An archive you put at <dest>.zip
+    yourself (e.g. downloaded by hand) is used without downloading and always kept, even with force=True (which
+    then prepares again from it). Prints the images per class unless quiet=True. What killed runs left beside
+    dest (work folders of up to 600 MB) is deleted first.
     """
     dest = Path(dest)
+    archive = dest.with_name(dest.name + ".zip")
+    remove_stale_work_folders(dest)
+    remove_stale_work_folders(archive)
+    shutil.rmtree(archive.with_name(archive.name + ".part"), ignore_errors=True)  # left by earlier versions
     if is_prepared(dest) and not force:
         counts = check_animals10(dest)
         if not quiet:
             print(f"Animals-10 is already prepared in {dest}:\n{format_class_counts(counts)}")
         return dest
-    archive = dest.with_name(dest.name + ".zip")
-    downloaded = force or not archive.is_file()
-    if downloaded:
-        _download_animals10_archive(archive, quiet=quiet)
-    prepare_animals10(archive, dest, force=force, quiet=quiet)
+    downloaded = _downloaded_here(archive)
+    if not archive.is_file() or (force and downloaded):
+        _download_animals10_archive(archive, progress=progress, quiet=quiet)
+        downloaded = True
+    try:
+        prepare_animals10(archive, dest, force=force, quiet=quiet)
+    except DamagedArchiveError as error:
+        if not downloaded:
+            raise DamagedArchiveError(archive, error.reason, "it was not downloaded here (you put it there), so it "
+                                      "was kept: delete it and run again to download it from Kaggle, or replace "
+                                      "it with a good copy.") from error
+        _delete_downloaded_archive(archive)
+        raise DamagedArchiveError(archive, error.reason, "it came from Kaggle and has been deleted: run the "
+                                  "download again for a fresh copy.") from error
     if downloaded and not keep_archive:
-        archive.unlink()  # 600 MB that the prepared folder now holds
+        _delete_downloaded_archive(archive)  # 600 MB that the prepared folder now holds
     return dest
 
 
@@ -375,20 +482,28 @@ def find_animals10(folder: str | Path | None = None, download: bool = True) -> t
         return None, f"Animals-10 is not prepared in {folder} (credentials found in {credentials})"
     try:
         download_animals10(folder, quiet=True)
-    except DatasetError as error:  # offline, refused, or a broken archive: the message says what to do
-        return None, f"downloading Animals-10 failed: {str(error).splitlines()[0]}"
+    except Exception as error:  # offline, refused, a damaged archive, a full disk: the message says what to do
+        first_line = (str(error).splitlines() or [""])[0]
+        if not isinstance(error, DatasetError):
+            first_line = f"{type(error).__name__}: {first_line}"
+        return None, f"downloading Animals-10 failed: {first_line}"
     return folder, f"Animals-10 was downloaded with the credentials from {credentials}"
 
 
 def _animals10_entry(name: str) -> tuple[str, str] | str | None:
     """Where an archive member belongs: (english class, file name); a string saying why it is unsafe; or None
     for members that are simply not images of the ten classes (translate.py, folders, stray files)."""
-    name = name.replace("\\", "/")
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+    name = name.replace("\\", "/")  # Windows reads a backslash as a separator
+    if name.startswith("/"):
         return "absolute path"
-    parts = [part for part in PurePosixPath(name).parts if part not in ("", ".")]
+    parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
         return "'..' in the path"
+    for part in parts:
+        if ":" in part:  # C:x is a drive on Windows, x:y a hidden stream of x
+            return f"':' in {part!r}"
+        if part.split(".")[0].rstrip(" ").upper() in WINDOWS_DEVICE_NAMES:
+            return f"{part!r} is a Windows device name"
     if parts[:1] == ["raw-img"]:
         rest = parts[1:]
     elif parts[1:2] == ["raw-img"]:  # nested one level, e.g. animals10/raw-img/...
@@ -403,29 +518,47 @@ def _animals10_entry(name: str) -> tuple[str, str] | str | None:
     return ITALIAN_TO_ENGLISH[italian], filename
 
 
+#: What reading a damaged zip raises: a bad CRC or header (BadZipFile), broken deflate data (zlib.error), a member
+#: cut short (EOFError), or the disk (OSError).
+ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
+
+
 def _extract_animals10_zip(archive: Path, staging: Path) -> list[str]:
     """Copy the images of the ten classes out of the zip into staging/<english>/; return what was refused.
-    Output paths are built from our own class name and the member's base name, so nothing lands outside."""
-    refused = []
-    with zipfile.ZipFile(archive) as zf:
+    Output paths are built from our own class name and the member's base name, and checked to resolve inside
+    staging before anything is opened. A damaged archive raises DamagedArchiveError."""
+    refused, inside = [], staging.resolve()
+    try:
+        zf = zipfile.ZipFile(archive)
+    except ZIP_READ_ERRORS as exc:
+        raise DamagedArchiveError(archive, f"{type(exc).__name__}: {exc}") from exc
+    with zf:
         for info in sorted(zf.infolist(), key=lambda info: info.filename):
             if info.is_dir():
                 continue
             where = _animals10_entry(info.filename)
             if (info.external_attr >> 16) & 0o170000 == 0o120000:  # a symbolic link stored in the zip
                 where = "symbolic link"
+            if where is None:
+                continue
+            target = staging / where[0] / where[1] if isinstance(where, tuple) else None
+            if target is not None and not target.resolve().is_relative_to(inside):
+                where = "would land outside the destination"
             if isinstance(where, str):
                 refused.append(f"{info.filename!r} ({where})")
-            elif where is not None:
-                target = staging / where[0] / where[1]
-                if target.exists():
-                    refused.append(f"{info.filename!r} (duplicate of {where[0]}/{where[1]})")
-                    continue
-                target.parent.mkdir(exist_ok=True)
-                with zf.open(info) as src, open(target, "xb") as dst:
-                    shutil.copyfileobj(src, dst)
-                stamp = time.mktime(info.date_time + (0, 0, -1))  # keep the archive's dates: reproducible output
-                os.utime(target, (stamp, stamp))
+                continue
+            if target.exists():
+                refused.append(f"{info.filename!r} (duplicate of {where[0]}/{where[1]})")
+                continue
+            try:
+                payload = zf.read(info)  # decompresses and checks the CRC-32
+            except ZIP_READ_ERRORS as exc:
+                raise DamagedArchiveError(archive, f"{info.filename}: {type(exc).__name__}: {exc}") from exc
+            target.parent.mkdir(exist_ok=True)
+            with open(target, "xb") as file:
+                file.write(payload)
+            stamp = time.mktime(info.date_time + (0, 0, -1))  # keep the archive's dates: reproducible output
+            os.utime(target, (stamp, stamp))
     return refused
 
 
@@ -465,10 +598,13 @@ def prepare_animals10(source: str | Path, dest: str | Path = "data/animals10", *
 
     The folder is built in a temporary sibling and renamed into place with a completion marker, so dest is
     either absent or complete. A prepared dest is left untouched (force=True rebuilds it). Archive members that
-    would land outside dest (absolute paths, '..') and symbolic links are refused with a warning; the archive's
-    translate.py is never run. Prints the images per class and warns if they differ from ANIMALS10_COUNTS.
+    would land outside dest (absolute paths, '..', ':' or a Windows device name such as CON in any part) and
+    symbolic links are refused with a warning; the archive's translate.py is never run. A damaged zip raises
+    DamagedArchiveError, a full disk a DatasetError. Prints the images per class and warns if they differ from
+    ANIMALS10_COUNTS.
     """
     source, dest = Path(source), Path(dest)
+    remove_stale_work_folders(dest)
     if is_prepared(dest) and not force:
         counts = check_animals10(dest)
     else:
@@ -476,24 +612,15 @@ def prepare_animals10(source: str | Path, dest: str | Path = "data/animals10", *
             raise DatasetError(f"{dest} exists and was not written by prepare_animals10; move it away or choose "
                                f"another destination (it is never overwritten).")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        staging = _new_work_folder(dest)
         try:
-            if source.is_file() and zipfile.is_zipfile(source):
-                refused = _extract_animals10_zip(source, staging)
-            elif source.is_dir():
-                refused = _copy_animals10_folder(source, staging)
-            else:
-                raise DatasetError(f"{source} is neither the Animals-10 zip nor a folder holding raw-img/; "
-                                   f"download it with download_animals10() or from Kaggle.")
-            if refused:
-                warnings.warn(f"refused {len(refused)} entr(ies) of {source}: " + "; ".join(refused[:20]),
-                              stacklevel=2)
-            counts = count_images(staging)
-            if not counts:
-                raise DatasetError(f"no images of the ten classes found in {source} (expected "
-                                   f"raw-img/<italian class>/<image>).")
+            counts = _build_animals10(source, staging)
             _finish_prepared_folder(staging, dest, {"dataset": "animals10", "source": str(source),
                                                     "counts": counts})
+        except OSError as exc:  # writing: a full disk, no permission
+            shutil.rmtree(staging, ignore_errors=True)
+            raise DatasetError(f"preparing {dest} failed ({type(exc).__name__}: {exc}); check the free disk space "
+                               f"(Animals-10 takes about 600 MB) and that {dest.parent} is writable.") from exc
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -501,6 +628,26 @@ def prepare_animals10(source: str | Path, dest: str | Path = "data/animals10", *
     if not quiet:
         print(f"Animals-10 in {dest}:\n{format_class_counts(counts)}")
     return dest
+
+
+def _build_animals10(source: Path, staging: Path) -> dict[str, int]:
+    """Copy the ten classes from the zip or folder `source` into staging/<english>/; return the counts."""
+    if source.is_file() and zipfile.is_zipfile(source):
+        refused = _extract_animals10_zip(source, staging)
+    elif source.is_dir():
+        refused = _copy_animals10_folder(source, staging)
+    elif source.is_file() and source.suffix.lower() == ".zip":
+        raise DamagedArchiveError(source, "not a zip archive")
+    else:
+        raise DatasetError(f"{source} is neither the Animals-10 zip nor a folder holding raw-img/; "
+                           f"download it with download_animals10() or from Kaggle.")
+    if refused:
+        warnings.warn(f"refused {len(refused)} entr(ies) of {source}: " + "; ".join(refused[:20]), stacklevel=3)
+    counts = count_images(staging)
+    if not counts:
+        raise DatasetError(f"no images of the ten classes found in {source} (expected "
+                           f"raw-img/<italian class>/<image>).")
+    return counts
 
 
 def _finish_prepared_folder(staging: Path, dest: Path, marker: dict) -> None:
@@ -514,6 +661,45 @@ def _finish_prepared_folder(staging: Path, dest: Path, marker: dict) -> None:
         shutil.rmtree(retired)
     else:
         staging.rename(dest)
+
+
+def _new_work_folder(path: Path) -> Path:
+    """A new private folder beside `path` to build it in: .<name>.<process id>.<random>.tmp."""
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+
+
+def remove_stale_work_folders(path: str | Path) -> list[Path]:
+    """Delete what killed runs left beside `path`: work folders .<name>.<pid>.<random>.tmp (also the older
+    .<name>.<random>.tmp) and retired folders .<name>.old-<pid>, each up to 600 MB for Animals-10. Those of a
+    process still running are kept (on Windows, where that cannot be checked cheaply, only this process's). Returns
+    what was deleted."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(?:(\d+)\.)?[a-z0-9_]{{8}}\.tmp|old-(\d+))")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in sorted(path.parent.iterdir()):
+            match = pattern.fullmatch(entry.name)
+            if not match or entry.is_symlink() or not entry.is_dir():
+                continue
+            pid = match.group(1) or match.group(2)
+            if pid is None or not _process_is_running(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+def _process_is_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl-C there
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # PermissionError: it exists, owned by another user
+        return True
+    return True
 
 
 def count_images(folder: str | Path) -> dict[str, int]:
@@ -556,6 +742,7 @@ def prepare_cifar10(dest: str | Path = DATA_ROOT / "cifar10", *, quiet: bool = F
     if is_prepared(images):
         return images
     dest.mkdir(parents=True, exist_ok=True)
+    remove_stale_work_folders(images)
     try:
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
             splits = {split: CIFAR10(root=str(dest), train=split == "train", download=True)
@@ -564,7 +751,7 @@ def prepare_cifar10(dest: str | Path = DATA_ROOT / "cifar10", *, quiet: bool = F
         raise DownloadError(f"could not get CIFAR-10 ({type(exc).__name__}: {exc}). Offline? Copy "
                             f"cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz) "
                             f"into {dest} and try again, or pass a folder of images instead.") from exc
-    staging = Path(tempfile.mkdtemp(prefix=".images.", suffix=".tmp", dir=dest))
+    staging = _new_work_folder(images)
     try:
         for split, dataset in splits.items():
             for name in dataset.classes:
@@ -589,7 +776,8 @@ def resolve_dataset(name_or_path: str | Path) -> Path:
 
     A known name always means the dataset (a folder literally called "sample" can be given as "./sample").
     "animals10" is downloaded into data/animals10 when missing and Kaggle credentials exist; "cifar10" is
-    downloaded with torchvision into data/cifar10.
+    downloaded with torchvision into data/cifar10. Under torchrun every rank calls this: rank 0 fetches while the
+    others wait (`rank_zero_first`).
     """
     name = name_or_path.strip().lower() if isinstance(name_or_path, str) else None
     if name == "sample":
@@ -600,20 +788,53 @@ def resolve_dataset(name_or_path: str | Path) -> Path:
                                f"rebuild it with python data/make_sample.py, or pass the folder's path.")
         return sample
     if name == "animals10":
-        dest = DATA_ROOT / "animals10"
-        if is_prepared(dest):
-            return dest
-        if dest.with_name("animals10.zip").is_file() or kaggle_credentials_source() is not None:
-            return download_animals10(dest)
-        raise KaggleCredentialsError(f"Animals-10 is not in {dest} and no Kaggle credentials were found.\n"
-                                     + KAGGLE_CREDENTIALS_HELP)
+        return rank_zero_first(_fetch_animals10)
     if name == "cifar10":
-        return prepare_cifar10(DATA_ROOT / "cifar10")
+        return rank_zero_first(lambda: prepare_cifar10(DATA_ROOT / "cifar10"))
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         raise DatasetError(f"{path} is not a folder. Pass a folder of images (<folder>/<class>/<image>, or with "
                            f"train/ and test/ inside) or one of the names {', '.join(DATASET_NAMES)}.")
     return path
+
+
+def _fetch_animals10() -> Path:
+    dest = DATA_ROOT / "animals10"
+    if is_prepared(dest):
+        return dest
+    if dest.with_name("animals10.zip").is_file() or kaggle_credentials_source() is not None:
+        return download_animals10(dest)
+    raise KaggleCredentialsError(f"Animals-10 is not in {dest} and no Kaggle credentials were found.\n"
+                                 + KAGGLE_CREDENTIALS_HELP)
+
+
+def rank_zero_first(fetch: Callable[[], T]) -> T:
+    """fetch() in every process of a torchrun job without a race: rank 0 downloads and prepares (or decodes and
+    caches) while the other ranks wait, then they call fetch() too and find the work done. If rank 0 fails, every rank raises a
+    DatasetError, so no one waits for ever. Outside torch.distributed it is just fetch().
+
+    The data folder must be shared by the ranks (one machine, or a shared file system).
+    """
+    rank, world_size = distributed_info()
+    if world_size == 1:
+        return fetch()
+    # A gloo group of its own: it waits on the CPU for as long as a 600 MB download takes, where the default
+    # group's timeout (10 minutes under NCCL) could run out first.
+    group = dist.new_group(backend="gloo", timeout=PREPARE_WAIT)
+    failure, error = [None], None
+    if rank == 0:
+        try:
+            result = fetch()
+        except BaseException as exc:  # whatever it is, tell the others before raising it
+            error, failure = exc, [f"{type(exc).__name__}: {exc}"]
+    dist.broadcast_object_list(failure, src=0, group=group)
+    dist.destroy_process_group(group)
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        raise DatasetError(f"rank 0 could not fetch the data, so rank {rank} stops too. Rank 0's error: "
+                           f"{failure[0]}")
+    return result if rank == 0 else fetch()
 
 
 def download_dataset(name: str, dest: str | Path | None = None, force: bool = False) -> Path:
@@ -635,22 +856,38 @@ def download_dataset(name: str, dest: str | Path | None = None, force: bool = Fa
 # Transforms
 # --------------------------------------------------------------------------------------------------------------
 
-def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE_MEAN, std=NORMALIZE_STD):
+def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE_MEAN, std=NORMALIZE_STD, *,
+                     crop_scale: tuple[float, float] = RANDOM_CROP_SCALE):
     """(train transform, test transform) for PIL images -> normalised float tensors (3, image_size, image_size).
 
-    Test: resize the short side, centre crop, normalise (deterministic). Train: random resized crop and
-    horizontal flip; augment="strong" adds RandAugment (2 ops, magnitude 9, as in AugReg and DeiT);
-    augment=False gives train the test transform.
+    Test: resize the short side, centre crop, normalise (deterministic). Train: random resized crop keeping a
+    crop_scale fraction of the area, and horizontal flip; augment="strong" adds RandAugment (2 ops, magnitude 9,
+    as in AugReg and DeiT); augment=False gives train the test transform.
     """
+    crop_scale = checked_crop_scale(crop_scale)
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     test = v2.Compose([*resize_and_crop(image_size).transforms, *to_tensor])
     policy = _augment_policy(augment)
     if policy == "none":
         return test, test
-    train = [v2.RandomResizedCrop(image_size, scale=RANDOM_CROP_SCALE, antialias=True), v2.RandomHorizontalFlip()]
+    train = [v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()]
     if policy == "strong":
         train.append(v2.RandAugment(num_ops=2, magnitude=9))
     return v2.Compose([*train, *to_tensor]), test
+
+
+def checked_crop_scale(crop_scale=None) -> tuple[float, float]:
+    """crop_scale as a (low, high) pair of floats (None: RANDOM_CROP_SCALE), or a ValueError saying what to pass."""
+    crop_scale = RANDOM_CROP_SCALE if crop_scale is None else crop_scale
+    try:
+        low, high = (float(value) for value in crop_scale)
+    except (TypeError, ValueError):
+        low = high = float("nan")
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, the smallest and largest "
+                         f"fraction of the image's area a random crop keeps (default {RANDOM_CROP_SCALE}); got "
+                         f"{crop_scale!r}.")
+    return low, high
 
 
 def resize_and_crop(image_size: int) -> v2.Compose:
@@ -771,15 +1008,17 @@ def default_num_workers(num_images: int) -> int:
 
 def make_dataloaders(data_dir, image_size: int = 224, batch_size: int = 32, test_fraction: float = 0.15,
                      seed: int = 42, num_workers: int | None = None, augment: bool | str = True, *,
-                     mean=NORMALIZE_MEAN, std=NORMALIZE_STD) -> tuple[DataLoader, DataLoader, list[str]]:
+                     mean=NORMALIZE_MEAN, std=NORMALIZE_STD, crop_scale: tuple[float, float] = RANDOM_CROP_SCALE,
+                     ) -> tuple[DataLoader, DataLoader, list[str]]:
     """(train loader, test loader, class names) for a dataset name ("sample", "animals10", "cifar10") or folder.
 
     Train: a DistributedSampler (world size 1 outside torch.distributed) shuffling with `seed`; call
     `train_loader.sampler.set_epoch(epoch)` each epoch and the order is a function of (seed, epoch), which makes
-    resumed and multi-GPU training exact. Full batches only (drop_last). Test: every image, in order, unaugmented.
+    resumed and multi-GPU training exact. Full batches only (drop_last). The random resized crop keeps a
+    crop_scale = (low, high) fraction of each image's area. Test: every image, in order, unaugmented.
     Batches are (images float32 (B, 3, S, S) normalised with mean/std, labels int64 (B,)).
     """
-    train_transform, test_transform = build_transforms(image_size, augment, mean, std)
+    train_transform, test_transform = build_transforms(image_size, augment, mean, std, crop_scale=crop_scale)
     train_set, test_set, classes = load_image_datasets(data_dir, test_fraction, seed, train_transform,
                                                        test_transform)
     rank, world_size = distributed_info()
