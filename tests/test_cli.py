@@ -167,3 +167,33 @@ def test_python_dash_m_entry_point_reports_bad_model_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "unknown model 'ViT-Q/16'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_torchrun_stopped_by_a_nan_loss_says_so_once_and_leaves_cleanly(tiny_folder, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "vit_helpers",
+               *train_args(tiny_folder, tmp_path / "ddp"), "--lr", "1e30"]  # the first update overflows
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    reports = [line for line in result.stderr.splitlines() if "NaN or infinite" in line or "loss became" in line]
+    assert len(reports) == 1, result.stderr[-2000:]  # from rank 0 only
+    assert "destroy_process_group" not in result.stderr  # PyTorch's warning for a process group left open
+
+
+def test_crop_scale_reaches_the_loader_and_resumes_with_the_same_flag(tiny_folder, tmp_path, monkeypatch):
+    from vit_helpers import gpu_data
+
+    seen, make = [], gpu_data.make_cached_loaders
+
+    def recording(*args, **kwargs):
+        loaders = make(*args, **kwargs)
+        seen.append(loaders[0].augment.scale)  # the training loader's random resized crop
+        return loaders
+
+    monkeypatch.setattr(gpu_data, "make_cached_loaders", recording)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--crop-scale", "0.5", "1", "--stop-after-epoch", "1")) == 0
+    assert main(["train", "--out", str(out), "--resume", "--crop-scale", "0.5", "1"]) == 0  # the same: allowed
+    assert seen == [(0.5, 1.0), (0.5, 1.0)]
+    assert json.loads((out / "metrics.json").read_text())["settings"]["crop_scale"] == [0.5, 1.0]
+    assert main(train_args(tiny_folder, tmp_path / "bad", "--crop-scale", "0", "1")) == 2  # one clear line

@@ -68,7 +68,7 @@ def test_unpack_keeps_the_split_class_file_layout_and_stays_inside(gpu_checks, a
 
 def test_smoke_run_measures_every_check_and_saves_them(gpu_checks, archive, tmp_path, capsys):
     results_path = tmp_path / "results.json"
-    code = gpu_checks.main(["--smoke", "--device", "cpu", "--cifar-archive", str(archive),
+    code = gpu_checks.main(["--smoke", "--checks", "all", "--device", "cpu", "--cifar-archive", str(archive),
                             "--work-dir", str(tmp_path / "work"), "--json", str(results_path)])
     output = capsys.readouterr().out
     assert code == 0, output
@@ -80,11 +80,20 @@ def test_smoke_run_measures_every_check_and_saves_them(gpu_checks, archive, tmp_
     assert results["cifar"]["epochs_done"] == 1 and 0 <= results["cifar"]["test_accuracy"] <= 1
     checks = {row[0] for row in results["summary"]}
     assert checks == {"matmul", "models", "data", "cifar"}
+    if ("timm", "train") in measured:  # the target as a verdict: ours / timm from the same run
+        speed = {(r["implementation"], r["mode"]): r["images_per_second"] for r in results["models"]["results"]}
+        verdicts = {row[1]: row[2] for row in results["summary"] if row[1].startswith("ours / timm")}
+        assert verdicts["ours / timm, train eager"] == f"{speed['ours', 'train'] / speed['timm', 'train']:.2f}x"
     assert not [row for row in results["summary"] if row[1] == "error"]
     table = output[output.rindex("\ncheck "):].splitlines()[1:]  # the summary printed at the end
     assert table[0].split() == ["check", "measurement", "value", "target", "verdict"]
     assert [line.split()[0] for line in table[1:] if line.strip() and not line.startswith("saved")] == \
         [row[0] for row in results["summary"]]
+
+
+def test_the_default_checks_fit_one_device_command_and_all_means_all(gpu_checks):
+    assert gpu_checks.parse_args([]).checks == ["matmul", "models", "data"]  # cifar alone takes its 10 minutes
+    assert gpu_checks.parse_args(["--checks", "all"]).checks == ["matmul", "models", "data", "cifar"]
 
 
 def test_unknown_check_is_refused(gpu_checks, capsys):
@@ -98,8 +107,9 @@ def test_recipe_changes_are_parsed_as_the_fields_types(gpu_checks, capsys):
     from vit_helpers.recipes import get_recipe
 
     recipe = gpu_checks.with_changes(get_recipe("cifar10"), ["lr=2e-3", "epochs=150", "augment=basic",
-                                                             'model_overrides={"num_layers": 6}'])
-    assert (recipe.lr, recipe.epochs, recipe.augment) == (2e-3, 150, "basic")
+                                                             'model_overrides={"num_layers": 6}',
+                                                             "crop_scale=0.5,1"])
+    assert (recipe.lr, recipe.epochs, recipe.augment, recipe.crop_scale) == (2e-3, 150, "basic", (0.5, 1.0))
     config = recipe.model_config(10)  # the dict replaces the recipe's whole: ViT-S/4 with 6 layers
     assert (config.num_layers, config.embed_dim, config.mlp_dim) == (6, 384, 1536)
     with pytest.raises(SystemExit):

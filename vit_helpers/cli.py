@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -84,6 +85,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cutmix", dest="cutmix_alpha", type=float, metavar="ALPHA",
                         help="CutMix on every batch (0: off); with --mixup too, each batch gets one of the two")
     parser.add_argument("--augment", choices=("none", "basic", "strong"))
+    parser.add_argument("--crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="the random crops' share of the image area (default 0.35 1.0)")
     parser.add_argument("--cached", action=argparse.BooleanOptionalAction,
                         help="decode the images once and augment them on the device (fast on GPUs)")
     parser.add_argument("--num-workers", type=int, help="data-loading processes (default: by data-set size)")
@@ -152,6 +155,8 @@ def given_flags(args) -> dict:
     given = {name: value for name, value in vars(args).items() if name in names and value is not None}
     if given.get("augment") in ("none", "basic"):  # as data.make_dataloaders spells them
         given["augment"] = given["augment"] == "basic"
+    if "crop_scale" in given:
+        given["crop_scale"] = tuple(given["crop_scale"])  # as a recipe spells it, so that --resume compares equal
     return given
 
 
@@ -195,15 +200,16 @@ def build_loaders(settings: dict, device: torch.device):
 
         return make_cached_loaders(settings["data"], image_size=settings["image_size"],
                                    batch_size=settings["batch_size"], device=device, seed=settings["seed"],
-                                   augment=settings["augment"])
+                                   augment=settings["augment"], crop_scale=settings["crop_scale"])
     return data.make_dataloaders(settings["data"], image_size=settings["image_size"],
                                  batch_size=settings["batch_size"], seed=settings["seed"],
-                                 num_workers=settings["num_workers"], augment=settings["augment"])
+                                 num_workers=settings["num_workers"], augment=settings["augment"],
+                                 crop_scale=settings["crop_scale"])
 
 
 def prepare_run(args):
     """Everything before training, where any failure is a usage error: settings, device, data, model."""
-    from vit_helpers.data import DatasetError
+    from vit_helpers.data import DatasetError, checked_crop_scale
 
     out = Path(args.out)
     try:
@@ -213,6 +219,7 @@ def prepare_run(args):
             settings = run_settings(args, training.resolve_device(args.device or "auto").type)
         model_config(settings, num_classes=2)  # checks the model name and sizes before the data is read
         train_config(settings)  # and the optimisation settings
+        checked_crop_scale(settings["crop_scale"])
         device = training.init_distributed(settings["device"])
         if device.type == "cpu" and settings.get("cpu_threads"):
             torch.set_num_threads(settings["cpu_threads"])
@@ -244,13 +251,17 @@ def _train(args) -> int:
               + (f" x {world_size} processes" if world_size > 1 else "")
               + (f", recipe {settings['recipe']}" if settings["recipe"] else ""), flush=True)
     started = time.perf_counter()
-    history = training.fit(model, train_loader, test_loader, config=train_config(settings),
-                           class_names=class_names, checkpoint_path=out / "checkpoint.pt", resume=args.resume,
-                           stop_after_epoch=args.stop_after_epoch, metadata={"settings": settings})
-    probabilities, labels = training.predict(model, test_loader, device)
-    if rank == 0:
-        write_results(out, settings, model, history, class_names, probabilities, labels, test_loader,
-                      world_size, time.perf_counter() - started)
+    try:
+        history = training.fit(model, train_loader, test_loader, config=train_config(settings),
+                               class_names=class_names, checkpoint_path=out / "checkpoint.pt", resume=args.resume,
+                               stop_after_epoch=args.stop_after_epoch, metadata={"settings": settings})
+        probabilities, labels = training.predict(model, test_loader, device)
+        if rank == 0:
+            write_results(out, settings, model, history, class_names, probabilities, labels, test_loader,
+                          world_size, time.perf_counter() - started)
+    except BaseException:
+        training.cleanup_distributed(wait=False)  # NCCL warns about a process group never destroyed
+        raise
     training.cleanup_distributed()
     return 0
 
@@ -306,8 +317,9 @@ def download(args) -> int:
 
     try:
         if args.dataset == "animals10":
+            # quiet: the one line below replaces the table of counts; kaggle's progress bar still shows.
             folder = data.download_animals10(args.dest or data.DATA_ROOT / "animals10", force=args.force,
-                                             quiet=True)
+                                             quiet=True, progress=True)
         else:
             folder = data.download_dataset(args.dataset, args.dest, force=args.force)
     except data.DatasetError as error:
@@ -353,9 +365,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: {error}", file=sys.stderr)
         return 2
     except training.NonFiniteLossError as error:
-        print(f"{prefix}: {one_line(error)}", file=sys.stderr)
+        if _first_process():  # every process stops at the same step, for the same reason: say it once
+            print(f"{prefix}: {one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interrupt:
-        detail = f" ({interrupt})" if str(interrupt) else ""
-        print(f"\ninterrupted{detail}; run the same command with --resume to continue.", file=sys.stderr)
+        if _first_process():
+            detail = f" ({interrupt})" if str(interrupt) else ""
+            print(f"\ninterrupted{detail}; run the same command with --resume to continue.", file=sys.stderr)
         return 130
+
+
+def _first_process() -> bool:
+    """Rank 0, or the only process. From torchrun's RANK, which holds also after the process group is left."""
+    return int(os.environ.get("RANK", "0")) == 0

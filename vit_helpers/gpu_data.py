@@ -41,7 +41,9 @@ from vit_helpers.data import (
     VerifiedImageFolder,
     _augment_policy,
     _cpu_count,
+    checked_crop_scale,
     load_rgb,
+    rank_zero_first,
     resize_and_crop,
     resolve_dataset,
     stratified_split,
@@ -203,8 +205,8 @@ class DeviceAugment:
     """uint8 (B, 3, S, S) on any device -> float32 normalised, augmented with `policy` ("none", "basic", "strong").
     Random numbers come from a CPU generator, so results depend on (seed, epoch), not on the device."""
 
-    def __init__(self, policy: str = "basic", mean=NORMALIZE_MEAN, std=NORMALIZE_STD, scale=RANDOM_CROP_SCALE):
-        self.policy, self.scale = _augment_policy(policy), scale
+    def __init__(self, policy: str = "basic", mean=NORMALIZE_MEAN, std=NORMALIZE_STD, scale=None):
+        self.policy, self.scale = _augment_policy(policy), checked_crop_scale(scale)
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -329,14 +331,16 @@ def _place(images: torch.Tensor, device: torch.device, keep_on_device: bool | No
 
 def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, device=None,
                         test_fraction: float = 0.15, seed: int = 42, augment: bool | str = True,
-                        cache_dir=None, *, mean=NORMALIZE_MEAN, std=NORMALIZE_STD,
+                        cache_dir=None, *, crop_scale: tuple[float, float] | None = None,
+                        mean=NORMALIZE_MEAN, std=NORMALIZE_STD,
                         keep_on_device: bool | None = None, num_replicas: int | None = None,
                         rank: int | None = None) -> tuple[CachedImageLoader, CachedImageLoader, list[str]]:
     """(train loader, test loader, class names) that decode every image once and augment on `device`.
 
     `data_dir`: a folder or a name understood by `resolve_dataset`. The decoded images are saved in
     `cache_dir` (default <data>/.cache) as vit_cache_<split>_<size>.pt and reused while the files are unchanged.
-    The split of a folder without train/ and test/ is `stratified_split`'s, as in `make_dataloaders`. Under
+    The split of a folder without train/ and test/ is `stratified_split`'s, as in `make_dataloaders`.
+    `crop_scale`: the training crops' share of the area (default RANDOM_CROP_SCALE), as in `make_dataloaders`. Under
     torch.distributed each process gets its shard (num_replicas and rank override that, e.g. for tests); rank 0
     builds the cache while the others wait.
     """
@@ -348,12 +352,8 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     rank = world_rank if rank is None else rank
     root = resolve_dataset(data_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else root / ".cache"
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and world_rank != 0:
-        torch.distributed.barrier()  # wait for rank 0 to decode and save, then load its cache
-    caches = _build_caches(root, image_size, cache_dir)
-    if distributed and world_rank == 0:
-        torch.distributed.barrier()
+    # Rank 0 decodes and saves while the others wait, then they load its cache; if it fails, every rank raises.
+    caches = rank_zero_first(lambda: _build_caches(root, image_size, cache_dir))
     if "all" in caches:
         all_images = caches["all"]
         train_rows, test_rows = stratified_split(all_images["targets"].tolist(), test_fraction, seed)
@@ -368,7 +368,7 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     images, targets = _place(images, device, keep_on_device), targets.to(device)
     shared = dict(seed=seed, num_replicas=num_replicas, rank=rank)
     train = CachedImageLoader(images, targets, train_rows, classes, batch_size, device, train=True,
-                              augment=DeviceAugment(augment, mean, std), **shared)
+                              augment=DeviceAugment(augment, mean, std, crop_scale), **shared)
     if len(train) == 0:
         raise ValueError(f"the training set has {len(train.sampler)} images per process, fewer than batch_size "
                          f"{batch_size}: lower batch_size.")
