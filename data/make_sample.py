@@ -144,7 +144,7 @@ pixels. Labels 0..9 are {", ".join(CLASS_NAMES)}.
 
 Images: {num_images} ({breakdown}), {total:,} bytes of PNG.
 
-Rebuild: `python data/make_sample.py` (byte-identical; the fingerprint below is checked by tests/test_data.py).
+Rebuild: `python data/make_sample.py` (byte-identical; the fingerprint below is checked by tests/test_datasets.py).
 
 fingerprint: {content_fingerprint(out)}
 """)

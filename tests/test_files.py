@@ -28,3 +28,12 @@ def test_a_failure_half_way_leaves_the_old_file_and_no_temporary(tmp_path):
             raise KeyboardInterrupt  # Ctrl-C in the middle of writing
     assert path.read_bytes() == b"the good version"
     assert os.listdir(tmp_path) == ["weights.bin"]
+
+
+def test_read_json_gives_an_empty_record_for_a_missing_or_damaged_file(tmp_path):
+    from vit_helpers.files import read_json
+
+    (tmp_path / "good.json").write_text('{"size": 3}')
+    (tmp_path / "cut.json").write_text('{"size": ')  # a write cut short
+    assert read_json(tmp_path / "good.json") == {"size": 3}
+    assert read_json(tmp_path / "cut.json") == {} and read_json(tmp_path / "missing.json") == {}

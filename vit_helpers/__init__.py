@@ -3,7 +3,8 @@
 Modules, one per concern:
 - `model`: the ViT itself, in the order of the paper's equations (Eqs. 1-4, Table 1).
 - `weights`: conversion to and from torchvision, timm and the official JAX checkpoints; pretrained loading.
-- `data`: Animals-10 from Kaggle, the shipped sample, CIFAR-10, and the data loaders.
+- `datasets`: the datasets on disk: the shipped sample, Animals-10 from Kaggle, CIFAR-10 (download, prepare, names).
+- `data`: from an image folder to batches: reading images, transforms, splits and the data loaders.
 - `gpu_data`: the fast path: images decoded once, kept on the GPU and augmented there.
 - `training`: the training engine (`fit`), checkpoints, multi-GPU; `recipes`: named configurations.
 - `plots`: training figures (curves, confusion matrix, predictions).

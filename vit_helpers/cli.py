@@ -209,7 +209,8 @@ def build_loaders(settings: dict, device: torch.device):
 
 def prepare_run(args):
     """Everything before training, where any failure is a usage error: settings, device, data, model."""
-    from vit_helpers.data import DatasetError, checked_crop_scale
+    from vit_helpers.data import checked_crop_scale
+    from vit_helpers.datasets import DatasetError
 
     out = Path(args.out)
     try:
@@ -313,21 +314,21 @@ def write_results(out: Path, settings, model, history, class_names, probabilitie
 # --------------------------------------------------------------------------------------------------------------
 
 def download(args) -> int:
-    from vit_helpers import data
+    from vit_helpers import datasets
 
     try:
         if args.dataset == "animals10":
             # quiet: the one line below replaces the table of counts; kaggle's progress bar still shows.
-            folder = data.download_animals10(args.dest or data.DATA_ROOT / "animals10", force=args.force,
-                                             quiet=True, progress=True)
+            folder = datasets.download_animals10(args.dest or datasets.DATA_ROOT / "animals10", force=args.force,
+                                                 quiet=True, progress=True)
         else:
-            folder = data.download_dataset(args.dataset, args.dest, force=args.force)
-    except data.DatasetError as error:
+            folder = datasets.download_dataset(args.dataset, args.dest, force=args.force)
+    except datasets.DatasetError as error:
         print(f"download {args.dataset}: {one_line(error)}", file=sys.stderr)
         return 1
-    counts = data.count_images(folder)
+    counts = datasets.count_images(folder)
     if (Path(folder) / "train").is_dir():
-        counts = {split: sum(data.count_images(Path(folder) / split).values()) for split in ("train", "test")}
+        counts = {split: sum(datasets.count_images(Path(folder) / split).values()) for split in ("train", "test")}
     listed = ", ".join(f"{name} {count:,}" for name, count in counts.items())
     print(f"{args.dataset} is ready in {folder}: {sum(counts.values()):,} images ({listed})")
     return 0

@@ -1,4 +1,5 @@
-"""Files written whole or not at all: checkpoints, image caches, metrics, exported weights.
+"""Files written whole or not at all (checkpoints, image caches, metrics, exported weights), and small JSON records
+read back without ever failing.
 
     with atomic_write("runs/x/metrics.json", "w") as file:
         json.dump(metrics, file)
@@ -9,6 +10,7 @@ A crash, a full disk or Ctrl-C in the middle leaves the previous file as it was 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -40,3 +42,11 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """The JSON in `path`, or {} when it is missing or unreadable: a lost record or cache is never an error."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}

@@ -37,17 +37,15 @@ from vit_helpers.data import (
     NORMALIZE_MEAN,
     NORMALIZE_STD,
     RANDOM_CROP_SCALE,
-    DatasetError,
     VerifiedImageFolder,
     _augment_policy,
     _cpu_count,
     checked_crop_scale,
     load_rgb,
-    rank_zero_first,
     resize_and_crop,
-    resolve_dataset,
     stratified_split,
 )
+from vit_helpers.datasets import DatasetError, rank_zero_first, resolve_dataset
 from vit_helpers.files import atomic_write
 from vit_helpers.training import distributed_info
 
