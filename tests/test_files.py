@@ -1,4 +1,4 @@
-"""atomic_write, which every file the package writes goes through: whole or not at all."""
+"""files.py: atomic_write, which every file the package writes goes through (whole or not at all), and read_json."""
 
 import json
 import os
