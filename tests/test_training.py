@@ -430,6 +430,21 @@ def test_a_recipe_builds_the_model_and_training_configs_it_names():
     assert get_recipe("demo", "cuda").model_config(10).embed_dim == 384  # the GPU variant is ViT-S/4
 
 
+def test_a_compiled_model_evaluates_the_last_smaller_batch_with_the_graph_it_has():
+    model = tiny_vit()
+    nn.init.normal_(model.head.weight)  # a zero head would give every image the same loss
+    loader = DataLoader(coloured_images(60, seed=1), batch_size=32)  # batches of 32 and 28
+    eager = evaluate(model, loader, "cpu")
+    torch._dynamo.reset()
+    compiled = evaluate(torch.compile(model, backend="aot_eager", dynamic=False), loader, "cpu")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs == 1  # the batch of 28 was padded to 32, not compiled anew
+    assert compiled["count"] == eager["count"] == 60  # the padding is not counted
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+    assert compiled["accuracy"] == eager["accuracy"]
+
+
 def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, monkeypatch):
     """On CUDA `fit` compiles by default. The same path on the CPU, with torch.compile's aot_eager backend (it
     traces forward and backward as inductor would, without generating code), trains like eager and checkpoints the

@@ -434,11 +434,19 @@ def evaluate(model: nn.Module, loader, device: torch.device | str | None = None,
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    count = 0
+    count, full_batch = 0, None
+    compiled = hasattr(model, "_orig_mod")  # torch.compile's wrapper
     for images, labels in loader:
         images, labels = _to_device(images, labels, device)
+        full_batch = full_batch or len(images)
+        if compiled and len(images) < full_batch:
+            # The last, smaller batch, padded to the full size with copies of its first image: a compiled model
+            # then runs the graph it has instead of compiling another for this one batch (tens of seconds on a
+            # GPU). In eval mode every image's logits depend on that image alone, so the padding changes nothing.
+            padding = images[:1].expand(full_batch - len(images), *images.shape[1:])
+            images = torch.cat([images, padding])
         with _autocast(device, amp):
-            logits = model(images)
+            logits = model(images)[:len(labels)]
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(dim=-1) == labels).sum()
         count += labels.shape[0]
