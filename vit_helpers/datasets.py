@@ -70,8 +70,6 @@ ANIMALS10_COUNTS = {
     "squirrel": 1862, "sheep": 1820, "cat": 1668, "elephant": 1446,
 }
 
-T = TypeVar("T")
-
 #: Written last into a prepared folder: present means complete.
 PREPARED_MARKER = ".prepared.json"
 
@@ -658,6 +656,9 @@ def _fetch_animals10() -> Path:
         return download_animals10(dest)
     raise KaggleCredentialsError(f"Animals-10 is not in {dest} and no Kaggle credentials were found.\n"
                                  + KAGGLE_CREDENTIALS_HELP)
+
+
+T = TypeVar("T")
 
 
 def rank_zero_first(fetch: Callable[[], T]) -> T:
