@@ -328,3 +328,10 @@ def test_spread_examples_takes_every_nth_sample_of_an_unshuffled_loader():
     indices, chosen, chosen_labels = data.spread_examples(loader, 10)
     assert indices.tolist() == list(range(0, 100, 10))
     assert torch.equal(chosen.flatten(), images.flatten()[indices]) and chosen_labels.tolist() == list(range(10))
+
+
+def test_basic_device_crops_never_blend_in_black_at_the_border():
+    white = torch.full((512, 3, 32, 32), 255, dtype=torch.uint8)
+    augment = gpu_data.DeviceAugment("basic", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    crops = augment(white, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(crops, torch.ones_like(crops))  # every pixel of a crop of white is white

@@ -359,6 +359,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                   checkpoint_path=Path(out_dir) / "checkpoint.pt")
     torch.save(model.state_dict(), Path(out_dir) / f"weights_rank{rank}.pt")
     (Path(out_dir) / f"history_rank{rank}.json").write_text(json.dumps(history))
+    # One test image for two processes: rank 1's share is empty, and it must still join the gather.
+    probabilities, labels = training.predict(model, DataLoader(coloured_images(1, seed=1), batch_size=16))
+    (Path(out_dir) / f"predicted_rank{rank}.json").write_text(json.dumps([list(probabilities.shape), labels.tolist()]))
     cleanup_distributed()
 
 
@@ -386,6 +389,9 @@ def test_two_processes_with_gloo_train_in_step_and_write_one_checkpoint(tmp_path
     single = evaluate(model, DataLoader(coloured_images(61, seed=1), batch_size=16), device="cpu")
     assert history[-1]["test_accuracy"] == pytest.approx(single["accuracy"], abs=1e-12)
     assert history[-1]["test_loss"] == pytest.approx(single["loss"], rel=1e-5)
+    label = coloured_images(1, seed=1).tensors[1].tolist()
+    for rank in (0, 1):  # both processes get the one prediction
+        assert json.loads((tmp_path / f"predicted_rank{rank}.json").read_text()) == [[1, NUM_CLASSES], label]
 
 
 def test_resume_is_exact_with_augmenting_dataloader_workers(tmp_path):

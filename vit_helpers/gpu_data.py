@@ -13,8 +13,11 @@ each epoch then only gathers rows, and the augmentation runs on the device in ba
         train_loader.set_epoch(epoch)               # order and augmentation: a function of (seed, epoch)
         for images, labels in train_loader: ...     # float32 (B, 3, S, S) normalised, int64 (B,), on device
 
-The stored images are the test transform's resize and centre crop, so test batches equal `make_dataloaders`'s;
-training crops are taken from that square (the plain loader crops the full image: nearly the same policy).
+The stored images are the test transform's resize and centre crop, so test batches equal `make_dataloaders`'s.
+Training crops are taken from that square, where the plain loader crops the full image: the sides of a wide photo
+that the centre crop cut off are never seen here. Two more differences from torchvision's RandAugment, small for
+training: the colour ops run after all geometric ones whatever order they were drawn in, and they act on
+interpolated values rather than on uint8 pixels.
 """
 
 from __future__ import annotations
@@ -89,8 +92,8 @@ def load_or_build_cache(folder: VerifiedImageFolder, image_size: int, cache_file
             cached = torch.load(cache_file, map_location="cpu", weights_only=True, mmap=True)
             if cached.get("fingerprint") == fingerprint:
                 return cached
-        except Exception:  # an unreadable or foreign file: rebuild it
-            pass
+        except Exception as exc:  # an unreadable or foreign file: rebuild it, and say why
+            print(f"could not read the image cache {cache_file} ({type(exc).__name__}: {exc}); decoding again.")
     cached = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "image_size": image_size,
               "classes": list(folder.classes),
               "images": decode_images([path for path, _ in folder.samples], image_size),
@@ -192,8 +195,8 @@ def send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor on `device`, without making the CPU wait. A plain copy from ordinary CPU memory to a GPU
     waits for every kernel already queued (PyTorch synchronises the stream); once per batch, that stall would let
     the GPU run dry while the CPU queues the next step. A copy from pinned (page-locked) memory does not wait."""
-    if device.type != "cuda":
-        return tensor.to(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device, non_blocking=True)  # a no-op, or a copy between devices (never pinned memory)
     # contiguous first: a strided source would be copied again, into ordinary memory, before the transfer.
     # PyTorch keeps the pinned buffer alive until the copy has run.
     return tensor.contiguous().pin_memory().to(device, non_blocking=True)
@@ -220,7 +223,11 @@ class DeviceAugment:
                 signs = torch.where(torch.rand(2, batch, generator=generator) < 0.5, -1.0, 1.0)
                 matrices = matrices @ geometric_op_matrices(ops[0], signs[0]) @ geometric_op_matrices(ops[1], signs[1])
             grid = F.affine_grid(send(matrices[:, :2], device), list(x.shape), align_corners=False)  # (B, S, S, 2)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            # A crop's outer samples can fall in the last half pixel before the border, where "zeros" would blend
+            # in black; "border" repeats the edge instead, as a crop of the image itself would. RandAugment's
+            # rotations, shears and shifts uncover areas that torchvision fills with black: "zeros" there.
+            padding = "zeros" if self.policy == "strong" else "border"
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
             if self.policy == "strong":
                 ops, signs = send(ops, device), send(signs, device)
                 x = colour_ops(colour_ops(x, ops[0], signs[0]), ops[1], signs[1])
@@ -316,15 +323,23 @@ class CachedImageLoader:
         return batch.to(self.device, non_blocking=pinned)
 
 
-def _place(images: torch.Tensor, device: torch.device, keep_on_device: bool | None) -> torch.Tensor:
-    """On the device when it fits in a third of its free memory (or keep_on_device=True), else left in CPU
-    memory (each batch is then gathered into pinned memory and copied asynchronously)."""
-    if device.type == "cpu":
-        return images
-    if keep_on_device is None and device.type == "cuda":
+def _place(parts: list[torch.Tensor], device: torch.device, keep_on_device: bool | None) -> torch.Tensor:
+    """The image stores `parts` (memory-mapped caches) one after another in one tensor: on the device when it fits
+    in a third of its free memory (or keep_on_device=True), else in CPU memory (each batch is then gathered into
+    pinned memory and copied asynchronously). Each part is copied once, straight into its slice: no second
+    in-memory copy of the whole store on the way."""
+    if device.type == "cuda" and keep_on_device is None:
         free, _ = torch.cuda.mem_get_info(device)
-        keep_on_device = images.numel() * images.element_size() < free / 3
-    return images.to(device) if keep_on_device else images
+        keep_on_device = sum(part.numel() * part.element_size() for part in parts) < free / 3
+    where = device if device.type != "cpu" and keep_on_device else torch.device("cpu")
+    if len(parts) == 1:
+        return parts[0].to(where)  # on the CPU: the memory-mapped cache itself, read as needed
+    store = torch.empty((sum(len(part) for part in parts), *parts[0].shape[1:]), dtype=parts[0].dtype, device=where)
+    start = 0
+    for part in parts:
+        store[start:start + len(part)].copy_(part)
+        start += len(part)
+    return store
 
 
 def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, device=None,
@@ -355,15 +370,15 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     if "all" in caches:
         all_images = caches["all"]
         train_rows, test_rows = stratified_split(all_images["targets"].tolist(), test_fraction, seed)
-        images, targets = all_images["images"], all_images["targets"]
+        images, targets = _place([all_images["images"]], device, keep_on_device), all_images["targets"]
         train_rows, test_rows = torch.tensor(train_rows), torch.tensor(test_rows)
     else:  # one tensor for both splits: test rows follow the train rows
-        images = torch.cat([caches["train"]["images"], caches["test"]["images"]])
+        images = _place([caches["train"]["images"], caches["test"]["images"]], device, keep_on_device)
         targets = torch.cat([caches["train"]["targets"], caches["test"]["targets"]])
         num_train = len(caches["train"]["targets"])
         train_rows, test_rows = torch.arange(num_train), torch.arange(num_train, len(targets))
     classes = next(iter(caches.values()))["classes"]
-    images, targets = _place(images, device, keep_on_device), targets.to(device)
+    targets = targets.to(device)
     shared = dict(seed=seed, num_replicas=num_replicas, rank=rank)
     train = CachedImageLoader(images, targets, train_rows, classes, batch_size, device, train=True,
                               augment=DeviceAugment(augment, mean, std, crop_scale), **shared)

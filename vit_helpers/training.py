@@ -500,10 +500,13 @@ def predict(model: nn.Module, loader, device: torch.device | str | None = None,
         probabilities.append(logits.float().softmax(dim=-1).cpu())
         labels.append(batch_labels.cpu())
     model.train(was_training)
-    probabilities, labels = torch.cat(probabilities), torch.cat(labels)
+    # A process can have no test images at all (fewer images than processes): it still joins the gather below.
+    probabilities = torch.cat(probabilities) if probabilities else torch.empty(0)
+    labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
     if sharded:
         shares = [None] * world_size
         dist.all_gather_object(shares, (probabilities, labels))
+        shares = [share for share in shares if len(share[1])]
         probabilities, labels = torch.cat([p for p, _ in shares]), torch.cat([l for _, l in shares])
     return probabilities, labels
 
