@@ -281,7 +281,8 @@ def format_table(results: list[BenchResult], context: dict) -> str:
     lines = [f"{context['model']} at {config['image_size']} px (patch {config['patch_size']}), "
              f"{context['forward_gflops_per_image']:.2f} GFLOPs forward / image, on {context['device']}, "
              f"{context['precision']}",
-             f"matmul ceiling: {context['ceiling_flops'] / 1e12:.2f} TFLOP/s",
+             f"matmul ceiling: {context['ceiling_flops'] / 1e12:.2f} TFLOP/s; TFLOP/s and MFU count every token's "
+             f"FLOPs for every implementation (ours skips the last layer's unread ones), so they rank as img/s does",
              f"{'implementation':<16} {'mode':<10} {'compiled':<9} {'batch':>6} {'img/s':>10} {'ms/step':>9} "
              f"{'TFLOP/s':>8} {'MFU':>7}"]
     for r in results:
