@@ -1,4 +1,4 @@
-"""Every GPU check of the project in one run, with a short table at the end.
+"""Every GPU check of the project in one script, with a short table and a verdict per target at the end.
 
     python scripts/gpu_checks.py                                   # matmul, models, data: a few minutes
     python scripts/gpu_checks.py --checks cifar --cifar-minutes 10 # the 10-minute training run, on its own
