@@ -251,9 +251,10 @@ class EpochTally:
     loss_sum: torch.Tensor | float = 0.0
     correct: torch.Tensor | int = 0
     seconds: float = 0.0
-    # Steps whose gradient norm was NaN or infinite: the optimizer then wrote non-finite weights even where the
-    # loss itself was finite (an overflow in the backward pass). Identical on every process under DDP.
-    nonfinite_gradient_steps: torch.Tensor | int = 0
+    # The sum of the steps' gradient norms: NaN or infinite once any step's was, when the optimizer wrote
+    # non-finite weights even where the loss itself was finite (an overflow in the backward pass). One addition per
+    # step; identical on every process under DDP.
+    gradient_norm_sum: torch.Tensor | float = 0.0
 
     def totals(self, distributed: bool) -> tuple[float, float, int]:
         """(loss_sum, correct, count), summed over every process. Reading them synchronises with the GPU."""
@@ -345,7 +346,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     skip = tally.step
     tally.loss_sum = torch.as_tensor(tally.loss_sum, dtype=torch.float32, device=device)
     tally.correct = torch.as_tensor(tally.correct, dtype=torch.int64, device=device)
-    tally.nonfinite_gradient_steps = torch.as_tensor(tally.nonfinite_gradient_steps, dtype=torch.int64, device=device)
+    tally.gradient_norm_sum = torch.as_tensor(tally.gradient_norm_sum, dtype=torch.float32, device=device)
     model.train()
     bar = tqdm(total=len(loader), initial=skip, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                disable=not progress or rank != 0, dynamic_ncols=True)
@@ -362,15 +363,17 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
                                                       config)
             tally.loss_sum += loss * labels.shape[0]
             if gradient_norm is not None:
-                tally.nonfinite_gradient_steps += (~torch.isfinite(gradient_norm)).long()
+                tally.gradient_norm_sum += gradient_norm
             tally.correct += (logits.argmax(dim=-1) == labels).sum()
             tally.count += labels.shape[0]
             tally.step = index + 1
             bar.update(1)
-            if tally.step % config.log_every == 0 or tally.step == len(loader):
+            stopping = stop is not None and stop.requested
+            if stopping or tally.step % config.log_every == 0 or tally.step == len(loader):
+                # Also when stopping early: every tally this returns has been checked up to its last step.
                 tally.seconds = time.perf_counter() - started
                 _check_and_show(tally, bar, epoch, world_size > 1)
-            if stop is not None and stop.requested:
+            if stopping:
                 break
     except RuntimeError as error:
         # DataLoader workers get Ctrl-C too and exit; the main process then fails waiting for their batch.
@@ -395,25 +398,20 @@ def _train_step(model, images, targets, optimizer, scheduler, loss_fn, device, c
     return loss.detach(), logits.detach(), gradient_norm
 
 
-def _check_and_show(tally: EpochTally, bar, epoch: int, distributed: bool) -> None:
-    loss_sum, correct, count = _checked_totals(tally, epoch, distributed)
-    bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.4f}",
-                    img_s=f"{count / max(tally.seconds, 1e-9):.0f}", refresh=False)
-
-
 NON_FINITE_ADVICE = "Lower the learning rate (--lr), lengthen the warm-up, or look for NaNs in the data."
 
 
-def _checked_totals(tally: EpochTally, epoch: int, distributed: bool) -> tuple[float, float, int]:
-    """`tally.totals`, after checking that no loss and no gradient so far was NaN or infinite."""
+def _check_and_show(tally: EpochTally, bar, epoch: int, distributed: bool) -> None:
+    """Stop on a NaN or infinite loss or gradient so far; show the running loss, accuracy and speed."""
     loss_sum, correct, count = tally.totals(distributed)
     if not math.isfinite(loss_sum):
         raise NonFiniteLossError(f"the training loss became {loss_sum / count} in epoch {epoch + 1} (by step "
                                  f"{tally.step}). {NON_FINITE_ADVICE}")
-    if int(tally.nonfinite_gradient_steps) > 0:
+    if not math.isfinite(float(tally.gradient_norm_sum)):
         raise NonFiniteLossError(f"the gradients became NaN or infinite in epoch {epoch + 1} (by step "
                                  f"{tally.step}), so the weights did too. {NON_FINITE_ADVICE}")
-    return loss_sum, correct, count
+    bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.4f}",
+                    img_s=f"{count / max(tally.seconds, 1e-9):.0f}", refresh=False)
 
 
 def _weights_are_finite(model: nn.Module) -> bool:
@@ -650,9 +648,8 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
             try:
                 tally = train_one_epoch(train_model, train_loader, optimizer, scheduler, loss_fn, device, config,
                                         epoch, tally, stop, progress, mixer)
-                # The checks inside the epoch run every log_every steps; these catch the steps since, and make
-                # sure no checkpoint is ever written with NaN weights.
-                _checked_totals(tally, epoch, world_size > 1)
+                # The epoch checked its loss and gradients; this also catches NaN weights from a step it could
+                # not check (no clipping, so no gradient norm), before any checkpoint is written.
                 if not _weights_are_finite(model):
                     raise NonFiniteLossError(f"the weights became NaN or infinite in epoch {epoch + 1}. "
                                              f"{NON_FINITE_ADVICE}")
@@ -707,7 +704,7 @@ def _saver(rank, checkpoint_path, optimizer, scheduler, config, class_names, met
 
 
 def _epoch_record(epoch, tally, test, scheduler, world_size, epoch_started) -> dict[str, float]:
-    loss_sum, correct, count = tally.totals(world_size > 1)  # checked finite by fit
+    loss_sum, correct, count = tally.totals(world_size > 1)  # checked finite by train_one_epoch
     return {
         "epoch": epoch + 1,
         "train_loss": loss_sum / count,
