@@ -282,8 +282,8 @@ def check_data(args, device, results) -> list[tuple]:
 
 
 def with_changes(recipe, assignments: list[str]):
-    """`recipe` with FIELD=VALUE assignments applied, each value parsed as the field's current type."""
-    changes = {}
+    """`recipe` with FIELD=VALUE assignments applied, each value parsed as the field's type."""
+    changes, types = {}, {f.name: str(f.type) for f in fields(recipe)}
     for assignment in assignments:
         name, _, text = assignment.partition("=")
         if not hasattr(recipe, name) or name in ("name", "on_gpu"):
@@ -292,7 +292,7 @@ def with_changes(recipe, assignments: list[str]):
         current = getattr(recipe, name)
         if isinstance(current, dict):
             value = json.loads(text)
-        elif isinstance(current, tuple) or name == "crop_scale":  # crop_scale=0.5,1
+        elif "tuple" in types[name]:  # e.g. crop_scale=0.5,1, also where the recipe leaves it None
             value = tuple(float(part) for part in text.strip("()[] ").split(","))
         elif isinstance(current, bool) or name == "augment":
             value = {"true": True, "false": False}.get(text.lower(), text)

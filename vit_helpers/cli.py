@@ -86,7 +86,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CutMix on every batch (0: off); with --mixup too, each batch gets one of the two")
     parser.add_argument("--augment", choices=("none", "basic", "strong"))
     parser.add_argument("--crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                        help="the random crops' share of the image area (default 0.35 1.0)")
+                        help="the random crops' share of the image area, e.g. 0.8 1.0 (default: the loaders', "
+                             "vit_helpers.data.RANDOM_CROP_SCALE)")
     parser.add_argument("--cached", action=argparse.BooleanOptionalAction,
                         help="decode the images once and augment them on the device (fast on GPUs)")
     parser.add_argument("--num-workers", type=int, help="data-loading processes (default: by data-set size)")

@@ -176,11 +176,11 @@ class VerifiedImageFolder(ImageFolder):
 # --------------------------------------------------------------------------------------------------------------
 
 def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE_MEAN, std=NORMALIZE_STD, *,
-                     crop_scale: tuple[float, float] = RANDOM_CROP_SCALE):
+                     crop_scale: tuple[float, float] | None = None):
     """(train transform, test transform) for PIL images -> normalised float tensors (3, image_size, image_size).
 
     Test: resize the short side, centre crop, normalise (deterministic). Train: random resized crop keeping a
-    crop_scale fraction of the area, and horizontal flip; augment="strong" adds RandAugment (2 ops, magnitude 9,
+    crop_scale fraction of the area (None: RANDOM_CROP_SCALE), and horizontal flip; augment="strong" adds RandAugment (2 ops, magnitude 9,
     as in AugReg and DeiT); augment=False gives train the test transform.
     """
     crop_scale = checked_crop_scale(crop_scale)
@@ -327,14 +327,14 @@ def default_num_workers(num_images: int) -> int:
 
 def make_dataloaders(data_dir, image_size: int = 224, batch_size: int = 32, test_fraction: float = 0.15,
                      seed: int = 42, num_workers: int | None = None, augment: bool | str = True, *,
-                     mean=NORMALIZE_MEAN, std=NORMALIZE_STD, crop_scale: tuple[float, float] = RANDOM_CROP_SCALE,
+                     mean=NORMALIZE_MEAN, std=NORMALIZE_STD, crop_scale: tuple[float, float] | None = None,
                      ) -> tuple[DataLoader, DataLoader, list[str]]:
     """(train loader, test loader, class names) for a dataset name ("sample", "animals10", "cifar10") or folder.
 
     Train: a DistributedSampler (world size 1 outside torch.distributed) shuffling with `seed`; call
     `train_loader.sampler.set_epoch(epoch)` each epoch and the order is a function of (seed, epoch), which makes
     resumed and multi-GPU training exact. Full batches only (drop_last). The random resized crop keeps a
-    crop_scale = (low, high) fraction of each image's area. Test: every image, in order, unaugmented.
+    crop_scale = (low, high) fraction of each image's area (None: RANDOM_CROP_SCALE). Test: every image, in order, unaugmented.
     Batches are (images float32 (B, 3, S, S) normalised with mean/std, labels int64 (B,)).
     """
     train_transform, test_transform = build_transforms(image_size, augment, mean, std, crop_scale=crop_scale)
