@@ -137,3 +137,42 @@ def test_cifar_check_stops_after_the_probe_when_the_schedule_cannot_fit(gpu_chec
     assert cifar["epochs_done"] == 2 and cifar["projected_seconds"] > 3  # 500 epochs cannot fit in 3 s
     assert cifar["epochs_that_fit"] < 500
     assert "projected" in saved["summary"][0][1] and "epochs that fit" in saved["summary"][1][1]
+
+
+def test_epochs_that_fit_the_budget_at_the_measured_pace(gpu_checks):
+    # 2 epochs took 60 s, each further one 10 s: (600 * 0.98 - 60) // 10 = 52 more, and never more than planned.
+    assert gpu_checks.epochs_that_fit(200, 2, 60.0, 10.0, 600.0) == 54
+    assert gpu_checks.epochs_that_fit(40, 2, 60.0, 10.0, 600.0) == 40
+    assert gpu_checks.epochs_that_fit(200, 2, 700.0, 10.0, 600.0) == 2  # already past the budget
+
+
+TINY_CIFAR_MODEL = 'model_overrides={"embed_dim": 32, "num_layers": 1, "num_heads": 2, "mlp_dim": 64}'
+
+
+def test_cifar_check_shortens_a_schedule_that_cannot_fit_and_finishes_it(gpu_checks, archive, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(gpu_checks, "epochs_that_fit", lambda planned, *_: 4)  # as if only 4 of 50 fitted
+    results_path = tmp_path / "results.json"
+    assert gpu_checks.main(["--smoke", "--device", "cpu", "--checks", "cifar", "--cifar-epochs", "50",
+                            "--cifar-set", "warmup_epochs=2", "--cifar-set", TINY_CIFAR_MODEL,
+                            "--cifar-archive", str(archive), "--work-dir", str(tmp_path / "work"),
+                            "--json", str(results_path)]) == 0
+    saved = json.loads(results_path.read_text())
+    cifar = saved["cifar"]
+    assert (cifar["epochs_planned"], cifar["epochs_scheduled"], cifar["epochs_done"]) == (50, 4, 4)
+    assert cifar["history"][-1]["lr"] == 0.0  # the shortened cosine ran to its end; 50 epochs' would be near 1e-3
+    assert "of 50 planned: --cifar-set epochs=4" in saved["summary"][0][1]
+
+
+def test_cifar_check_does_not_shorten_a_schedule_past_its_warm_up(gpu_checks, archive, tmp_path, monkeypatch):
+    # With a 1-epoch warm-up, the probe's second epoch already decays on the 50-epoch cosine: a 4-epoch schedule
+    # from the start would differ, so the check stops and says how many epochs fit instead.
+    monkeypatch.setattr(gpu_checks, "epochs_that_fit", lambda planned, *_: 4)
+    results_path = tmp_path / "results.json"
+    gpu_checks.main(["--smoke", "--device", "cpu", "--checks", "cifar", "--cifar-epochs", "50",
+                     "--cifar-set", "warmup_epochs=1", "--cifar-set", TINY_CIFAR_MODEL,
+                     "--cifar-archive", str(archive), "--work-dir", str(tmp_path / "work"),
+                     "--json", str(results_path)])
+    saved = json.loads(results_path.read_text())
+    assert saved["cifar"]["epochs_done"] == 2 and saved["cifar"]["epochs_that_fit"] == 4
+    assert "epochs that fit" in saved["summary"][1][1]

@@ -183,6 +183,21 @@ def test_resume_after_one_epoch_equals_two_straight_epochs(tmp_path, mixing):
         assert_same_tensors(a[key], b[key])
 
 
+def test_a_schedule_shortened_during_its_warm_up_equals_the_shorter_schedule_from_the_start(tmp_path):
+    # What scripts/gpu_checks.py does when a 200-epoch recipe cannot fit its time budget: it probes two epochs,
+    # then resumes with fewer. The warm-up's rates do not depend on the length, so this is the shorter run exactly.
+    config = TrainConfig(lr=3e-3, warmup_epochs=2, device="cpu", log_every=4)
+    straight = fit(tiny_vit(), *loaders(), 4, config=config, progress=False, checkpoint_path=tmp_path / "a.pt")
+    probe = fit(tiny_vit(), *loaders(), 50, config=config, progress=False, checkpoint_path=tmp_path / "b.pt",
+                stop_after_epoch=2)
+    assert len(probe) == 2
+    shortened = fit(tiny_vit(), *loaders(), 4, config=config, progress=False, checkpoint_path=tmp_path / "b.pt",
+                    resume=True)
+    assert without_timings(shortened) == without_timings(straight)
+    assert shortened[-1]["lr"] == 0.0  # the 4-epoch cosine ran to its end
+    assert_same_tensors(load_checkpoint(tmp_path / "a.pt")["model"], load_checkpoint(tmp_path / "b.pt")["model"])
+
+
 def test_mixup_and_cutmix_train_on_soft_targets_and_count_accuracy_on_own_labels():
     targets_seen = []
 

@@ -605,7 +605,8 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
 
     - `checkpoint_path`: written atomically (by rank 0) every `config.checkpoint_every` epochs and at the end.
     - `resume=True`: continue from `checkpoint_path`; from an end-of-epoch checkpoint the result is identical
-      to an uninterrupted run.
+      to an uninterrupted run. With other `epochs` it continues on the longer or shorter schedule; resumed
+      within the warm-up, a shorter one gives exactly the run it gives from the start.
     - `stop_after_epoch` / `time_limit_s`: end this session early (after that epoch / after the last epoch that,
       at the pace of the one before, ends within the limit) without shortening the schedule; `resume=True` later
       finishes it.
