@@ -208,8 +208,10 @@ def from_torchvision(state_dict: Mapping) -> StateDict:
         raise ValueError(
             "this torchvision ViT was built with representation_size: its head is Linear -> tanh -> Linear "
             "(heads.pre_logits, heads.head), while ours is one linear layer, as the paper uses for fine-tuning. "
-            "Drop the heads.pre_logits.* and heads.head.* entries, convert, and attach a new head with "
-            "replace_head (torchvision's pretrained ViTs have no pre_logits; they load as they are)."
+            "Drop the heads.pre_logits.* entries and set heads.head.weight and heads.head.bias to zeros of shapes "
+            "(num_classes, hidden_dim) and (num_classes,) (the head trained on top of pre_logits means nothing "
+            "without it), convert, and fine-tune, after replace_head for another number of classes "
+            "(torchvision's pretrained ViTs have no pre_logits; they load as they are)."
         )
     converted, unknown = {}, []
     for key, tensor in state_dict.items():
@@ -255,9 +257,11 @@ def resample_position_embeddings(pos_embed: torch.Tensor, new_grid_size: int | t
 
     Section 3.2 of the paper: when fine-tuning at a higher resolution "the pre-trained position embeddings may
     no longer be meaningful. We therefore perform 2D interpolation of the pre-trained position embeddings,
-    according to their location in the original image." The patch positions are laid out on their grid and
-    resized bicubically (align_corners=False, antialiased when shrinking); the prefix (class token) positions
-    have no grid location and are kept unchanged. Always returns a new tensor, in the input's dtype.
+    according to their location in the original image." The patch positions are laid out on their grid (row
+    major, as the patches are) and resized bicubically with align_corners=False and antialias=True, exactly as
+    timm's `resample_abs_pos_embed`, so a checkpoint resampled here equals one timm resampled; the prefix (class
+    token) positions have no grid location and are kept unchanged. Always returns a new tensor, in the input's
+    dtype.
     """
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
         raise ValueError(f"expected position embeddings of shape (1, tokens, embed_dim), got {tuple(pos_embed.shape)}.")
@@ -269,10 +273,11 @@ def resample_position_embeddings(pos_embed: torch.Tensor, new_grid_size: int | t
                          f"square grid; check num_prefix_tokens.")
     embed_dim = pos_embed.shape[-1]
     grid = grid.reshape(1, old_size, old_size, embed_dim).permute(0, 3, 1, 2)  # (1, D, old, old): channels first
-    shrinking = new_height < old_size or new_width < old_size
-    # float32: bicubic interpolation is not implemented for half precision on every device.
+    # float32: bicubic interpolation is not implemented for half precision on every device. antialias=True also
+    # when growing, as timm: PyTorch's antialiased bicubic uses PIL's kernel (a = -0.5), the plain one a = -0.75,
+    # so the two differ when upsampling too, not only when shrinking.
     grid = F.interpolate(grid.float(), size=(new_height, new_width), mode="bicubic", align_corners=False,
-                         antialias=shrinking)
+                         antialias=True)
     grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, new_height * new_width, embed_dim)
     return torch.cat([prefix, grid], dim=1)  # (1, prefix + new_height * new_width, D)
 
@@ -446,9 +451,12 @@ def _torchvision_weights(arch: str, weights):
     """torchvision's WeightsEnum entry for `weights` ("IMAGENET1K_V1", "DEFAULT", or an entry itself)."""
     import torchvision
 
-    if not isinstance(weights, str):
-        return weights
     available = torchvision.models.get_model_weights(arch)
+    if not isinstance(weights, str):
+        if not isinstance(weights, available):  # the heads are taken from arch, so they must agree
+            raise ValueError(f"{weights} are not weights for {arch}: pass the arch they belong to, e.g. "
+                             f"arch='{type(weights).__name__.removesuffix('_Weights').lower()}'.")
+        return weights
     name = weights.split(".")[-1]  # accepts "ViT_B_16_Weights.IMAGENET1K_V1" too
     if name not in available.__members__:
         raise ValueError(f"torchvision has no weights {weights!r} for {arch}; choose one of "
@@ -498,7 +506,18 @@ _OFFICIAL_PREFIXES = ("opt/target/", "params/")  # optimizer-wrapped and Flax-va
 
 def _read_official(source) -> dict[str, np.ndarray]:
     if isinstance(source, (str, os.PathLike)):
-        with np.load(source) as npz:
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"no checkpoint file at {source}: download one of the official .npz files "
+                                    f"(google-research/vision_transformer lists them, e.g. "
+                                    f"gs://vit_models/imagenet21k/ViT-B_16.npz) and pass its path.")
+        try:
+            npz = np.load(source)  # allow_pickle=False: an .npz holds arrays only, and a pickle could run code
+        except ValueError as error:
+            raise ValueError(f"{source} is not an .npz file ({error}). A PyTorch checkpoint loads with "
+                             f"vit_from_state_dict(torch.load(path, map_location='cpu')).") from None
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError(f"{source} holds a single array, not the named arrays of an .npz checkpoint.")
+        with npz:
             arrays = {name: npz[name] for name in npz.files}
     elif isinstance(source, Mapping):
         arrays = dict(source)
@@ -510,7 +529,8 @@ def _read_official(source) -> dict[str, np.ndarray]:
             arrays = {name[len(prefix):]: array for name, array in arrays.items() if name.startswith(prefix)}
     if "embedding/kernel" not in arrays:
         raise ValueError("no 'embedding/kernel' array: this is not an official vit_jax ViT checkpoint (a ResNet "
-                         "hybrid or a big_vision checkpoint has another layout; timm.create_model loads those).")
+                         "hybrid or a big_vision checkpoint has another layout; timm.create_model loads those; a "
+                         "PyTorch checkpoint loads with vit_from_state_dict(torch.load(path, map_location='cpu'))).")
     return arrays
 
 
