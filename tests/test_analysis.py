@@ -113,6 +113,24 @@ def test_rollout_multiplies_later_layers_on_the_left():
     assert torch.allclose(rollout, per_layer[1] @ per_layer[0], atol=1e-6)
 
 
+def test_rollout_follows_a_token_chain_from_the_first_layer_to_the_last():
+    # Layer 1: patch b reads patch a. Layer 2: the class token reads patch b. Everything else attends to itself.
+    # The final class token draws on b, which drew on a, so rollout must reach a; worked by hand with
+    # A_hat = (A + I) / 2: rollout[cls] = A_hat_2[cls] @ A_hat_1 = 1/2 A_hat_1[cls] + 1/2 A_hat_1[b]
+    # = 1/2 e_cls + 1/4 e_b + 1/4 e_a. The reversed product A_hat_1 @ A_hat_2 gives 1/2 e_cls + 1/2 e_b, no a.
+    a, b = 1 + 0 * GRID + 0, 1 + 2 * GRID + 3  # patches (0, 0) and (2, 3)
+    first, last = torch.eye(NUM_TOKENS), torch.eye(NUM_TOKENS)
+    first[b] = 0.0
+    first[b, a] = 1.0
+    last[0] = 0.0
+    last[0, b] = 1.0
+    rollout, class_map = analysis.attention_rollout([first[None, None], last[None, None]])
+    expected_class_row = torch.zeros(NUM_TOKENS)
+    expected_class_row[[0, b, a]] = torch.tensor([0.5, 0.25, 0.25])
+    assert torch.equal(rollout[0, 0], expected_class_row)
+    assert class_map[0, 0, 0] == 0.25 and class_map[0, 2, 3] == 0.25 and class_map.sum() == 0.5
+
+
 def test_rollout_with_max_fusion_and_discard_follows_the_definition():
     attention = random_attention(layers=1)
     fused = attention[0].amax(dim=1)  # (batch, tokens, tokens)
@@ -173,7 +191,8 @@ def test_pca_recovers_two_orthogonal_filter_patterns():
     strong, weak = 3.0 * torch.tensor([1.0, -1.0]).repeat(32), torch.tensor([1.0, 1.0, -1.0, -1.0]).repeat(16)
     assert abs(strong @ weak) < 1e-6 and abs(weak.sum()) < 1e-6
     noise = 1e-4 * torch.randn(64, channels * size * size, generator=torch.Generator().manual_seed(2))
-    shared = 5.0 * torch.ones(channels * size * size)  # the same in every filter: PCA centres it away
+    # The same in every filter (the mean filter, not constant across pixels): PCA centres it away.
+    shared = 5.0 + torch.rand(channels * size * size, generator=torch.Generator().manual_seed(3))
     filters = strong[:, None] * horizontal + weak[:, None] * vertical + shared + noise
     filters = filters.reshape(64, channels, size, size)  # (embed_dim, channels, P, P)
 
@@ -187,6 +206,23 @@ def test_pca_recovers_two_orthogonal_filter_patterns():
     assert torch.allclose(flat_images.amin(1), torch.zeros(2)) and torch.allclose(flat_images.amax(1), torch.ones(2))
     with pytest.raises(ValueError, match="num_components"):
         analysis.patch_embedding_components(filters, num_components=49)
+
+
+def test_pca_variance_ratio_is_of_all_the_variance_and_signs_are_fixed():
+    channels, size, count = 3, 4, 64
+    patterns = torch.linalg.qr(torch.randn(channels * size * size, 3, generator=torch.Generator().manual_seed(4)))[0].T
+    # Zero-mean, mutually orthogonal coefficients (Walsh patterns) with variances 9, 4 and 1.
+    signs = [torch.tensor([1.0] * step + [-1.0] * step).repeat(count // (2 * step)) for step in (1, 2, 4)]
+    coefficients = torch.stack([3.0 * signs[0], 2.0 * signs[1], 1.0 * signs[2]], dim=1)  # (count, 3)
+    filters = (coefficients @ patterns).reshape(count, channels, size, size)
+
+    result = analysis.patch_embedding_components(filters, num_components=2)
+    # Shares of the total variance (9 + 4 + 1), not of the two components kept.
+    assert torch.allclose(result.explained_variance_ratio, torch.tensor([9 / 14, 4 / 14]), atol=1e-5)
+    for component in result.components.flatten(1):  # the largest-magnitude entry of each is positive
+        assert component[component.abs().argmax()] > 0
+    flipped = analysis.patch_embedding_components(-filters, num_components=2)  # the same filters, up to sign
+    assert torch.allclose(flipped.components, result.components, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- a tiny real ViT
@@ -237,4 +273,38 @@ def test_plot_helpers_return_figures(tiny_model_and_images):
     for figure in figures:
         assert isinstance(figure, Figure)
         figure.savefig(io.BytesIO(), format="png")  # draws every artist, so broken plotting code fails here
+        assert figure.get_suptitle()
     assert len(figures[0].axes) == 2 * (3 + 1)  # layers x (input + heads)
+    distance_axes = figures[2].axes[0]
+    assert distance_axes.get_xlabel() == "Network depth (layer)"
+    assert distance_axes.get_ylabel() == "Mean attention distance (pixels)"
+
+
+def test_plot_helpers_leave_pyplot_alone(tiny_model_and_images):
+    import matplotlib.pyplot as plt
+
+    model, images = tiny_model_and_images
+    maps = analysis.attention_maps(model, images)
+    before = plt.get_fignums()
+    analysis.plot_attention_grid(images, maps)
+    analysis.plot_attention_rollout(images, analysis.attention_rollout(maps).class_token_map)
+    analysis.plot_mean_attention_distance(analysis.mean_attention_distance(maps, 4))
+    analysis.plot_position_embedding_similarity(analysis.position_embedding_similarity(model.pos_embed))
+    analysis.plot_embedding_filters(analysis.patch_embedding_components(model.patch_embed.proj.weight))
+    assert plt.get_fignums() == before  # Figure objects, not pyplot figures that pile up in a notebook
+
+
+def test_attention_grid_labels_negative_layer_indices_by_their_layer(tiny_model_and_images):
+    model, images = tiny_model_and_images
+    figure = analysis.plot_attention_grid(images, analysis.attention_maps(model, images), layers=[-1])
+    assert figure.axes[0].get_ylabel() == "layer 2"  # the last of the tiny model's 2 layers
+    with pytest.raises(IndexError):
+        analysis.plot_attention_grid(images, analysis.attention_maps(model, images), layers=[2])
+
+
+def test_attention_distance_plot_never_hides_a_head():
+    distances = torch.tensor([[10.0, 20.0], [15.0, 70.0]])  # a head beyond the 64-pixel image side
+    figure = analysis.plot_mean_attention_distance(distances, image_size=64)
+    bottom, top = figure.axes[0].get_ylim()
+    assert bottom == 0 and top >= 70
+    assert analysis.plot_mean_attention_distance(distances[:, :1], image_size=64).axes[0].get_ylim() == (0, 64)

@@ -197,6 +197,8 @@ def attention_distance(attentions: Sequence[torch.Tensor] | torch.Tensor, patch_
     the class token has no place in the image, so it is dropped as query and as key, and each query's remaining
     patch-to-patch weights are re-normalised to sum to 1. Without re-normalising, a head that sends most of its
     attention to the class token would look local (small distance) although it attends nowhere in the image.
+    (A choice: the paper does not say. Some reimplementations, e.g. probing-vits' `compute_mean_attention_dist`,
+    drop the class token without re-normalising; their distances are smaller by each query's class-token share.)
     """
     layers = _layers(attentions)
     grid = _grid_size(layers[0].shape[-1] - 1)
@@ -295,7 +297,7 @@ def patch_embedding_components(filters: torch.Tensor, num_components: int = 28) 
     Section 4.5: "Figure 7 (left) shows the top principal components of the the learned embedding filters. The
     components resemble plausible basis functions for a low-dimensional representation of the fine structure within
     each patch." (The figure shows 28.) PCA by SVD of the centred (D, C P^2) matrix; each component's sign is
-    chosen so that its largest entry is positive, so pictures do not flip between runs.
+    chosen so that its largest-magnitude entry is positive, so pictures do not flip between runs.
     """
     if filters.ndim != 4:
         raise ValueError(f"expected filters (embed_dim, channels, P, P), got shape {tuple(filters.shape)}; "
@@ -343,7 +345,8 @@ def plot_attention_grid(images: torch.Tensor, attentions: Sequence[torch.Tensor]
     `images` is the (batch, channels, H, W) batch that `attentions` (`attention_maps(model, images)`) came from.
     """
     all_layers = _layers(attentions)
-    layers = list(range(len(all_layers))) if layers is None else list(layers)
+    # Negative indices count from the last layer; normalise them (out of range still raises) for the labels.
+    layers = list(range(len(all_layers))) if layers is None else [range(len(all_layers))[layer] for layer in layers]
     image = images[image_index]
     num_heads, image_size = all_layers[0].shape[1], image.shape[-1]
     figure = Figure(figsize=(1.6 * (num_heads + 1), 1.6 * len(layers)), layout="constrained")
@@ -388,7 +391,8 @@ def plot_attention_rollout(images: torch.Tensor, class_token_maps: torch.Tensor,
 def plot_mean_attention_distance(distances: torch.Tensor, image_size: int | None = None) -> Figure:
     """Figure 7 (right): one dot per head at each layer, mean attention distance (pixels) against depth.
 
-    `distances` is `mean_attention_distance(...)`, (layers, heads). With `image_size` the y axis spans the image.
+    `distances` is `mean_attention_distance(...)`, (layers, heads). With `image_size` the y axis spans at least
+    the image.
     """
     num_layers, num_heads = distances.shape
     figure = Figure(figsize=(5, 4), layout="constrained")
@@ -399,7 +403,9 @@ def plot_mean_attention_distance(distances: torch.Tensor, image_size: int | None
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax.set_xlabel("Network depth (layer)")
     ax.set_ylabel("Mean attention distance (pixels)")
-    ax.set_ylim(0, image_size if image_size is not None else None)
+    # Never below the data: a head can average more than the image side (the diagonal is sqrt(2) times longer).
+    top = None if image_size is None else max(float(image_size), 1.05 * float(distances.max()))
+    ax.set_ylim(0, top)
     if num_heads <= 16:
         ax.legend(fontsize="x-small", ncol=2, loc="lower right")
     figure.suptitle("Mean attention distance of each head")
