@@ -54,6 +54,9 @@ def test_parameter_counts_with_1000_classes(name, expected):
 
 
 @pytest.mark.parametrize("name, timm_name", [
+    ("ViT-B/16", "vit_base_patch16_224"),
+    ("ViT-L/16", "vit_large_patch16_224"),
+    ("ViT-H/14", "vit_huge_patch14_224"),
     ("ViT-Ti/16", "vit_tiny_patch16_224"),
     ("ViT-S/16", "vit_small_patch16_224"),
     ("ViT-B/32", "vit_base_patch32_224"),
@@ -93,6 +96,22 @@ def test_named_overrides_and_bad_names():
         ViTConfig.named("ViT-B/16", image_size=100)
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         ViTConfig.named("ViT-B/16", num_heads=7)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(patch_size=0), "patch_size must be a positive integer"),  # was a ZeroDivisionError
+    (dict(num_heads=0), "num_heads must be a positive integer"),  # was a ZeroDivisionError
+    (dict(num_heads=5), r"choose num_heads from \[1, 2, 3, 4, 6, 8, 12, 16, 24\]"),  # says what would work
+])
+def test_bad_configs_say_what_to_do(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+@pytest.mark.parametrize("num_heads", [0, 5])
+def test_attention_rejects_heads_that_do_not_divide_embed_dim(num_heads):
+    with pytest.raises(ValueError, match=r"not divisible by num_heads .*choose num_heads from"):
+        MultiheadSelfAttention(embed_dim=48, num_heads=num_heads)
 
 
 # --- compute: 17.56 GMACs ------------------------------------------------------------------------------------
@@ -145,7 +164,7 @@ def test_conv_patch_embedding_equals_unfold_and_linear():
 @pytest.mark.parametrize("shape, message", [
     ((2, 3, 30, 32), "multiples of the patch size"),
     ((2, 3, 32, 33), "multiples of the patch size"),
-    ((2, 1, 32, 32), "3 channels"),
+    ((2, 1, 32, 32), "3 channels.*in_channels=1"),
     ((3, 32, 32), "batch"),
 ])
 def test_patch_embedding_rejects_bad_images(shape, message):
@@ -157,6 +176,14 @@ def test_vit_rejects_images_of_another_size():
     model = ViT(tiny_config())
     with pytest.raises(ValueError, match="built for 32x32"):
         model(torch.randn(1, 3, 48, 48))
+
+
+def test_vit_rejects_non_square_images_with_as_many_patches():
+    """16 x 64 pixels make 2 x 8 = 16 patches, as many as the 4 x 4 grid the position embeddings were built for,
+    but the patches sit elsewhere: E_pos would label them wrongly, so this must not pass silently."""
+    model = ViT(tiny_config())
+    with pytest.raises(ValueError, match="built for 32x32"):
+        model(torch.randn(1, 3, 16, 64))
 
 
 # --- Eq. 2: multi-head self-attention -------------------------------------------------------------------------
@@ -259,6 +286,41 @@ def test_attention_maps_one_per_layer_and_consistent_with_forward():
     block = model.blocks[0]
     q, k, _ = block.attn.qkv(block.norm1(model.embed(images))).reshape(2, 17, 3, 3, 16).permute(2, 0, 3, 1, 4)
     torch.testing.assert_close(maps[0], (q @ k.transpose(-1, -2) / 4.0).softmax(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_maps_ignore_dropout_and_keep_the_mode():
+    model = randomise_(ViT(tiny_config(dropout=0.3, attention_dropout=0.3))).train()
+    images = torch.randn(2, 3, 32, 32)
+    model.blocks[0].eval()  # a part kept in eval mode, as when fine-tuning with frozen layers
+    in_training = model.attention_maps(images)
+    assert model.training and model.blocks[1].training and not model.blocks[0].training  # put back as they were
+    for ours, expected in zip(in_training, model.eval().attention_maps(images)):
+        torch.testing.assert_close(ours, expected)
+
+
+def test_logits_features_and_every_attention_map_equal_timms():
+    """Same weights, loaded by name alone: timm's VisionTransformer gives the same logits, tokens and attention
+    weights in every layer, the last included (attention_maps computes it for every token)."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    theirs = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3,
+                                        mlp_ratio=2.0, num_classes=7).eval()
+    ours = ViT(tiny_config(num_layers=3)).eval()
+    ours.load_state_dict(randomise_(theirs, seed=3).state_dict(), strict=True)
+    captured = []
+    for block in theirs.blocks:
+        block.attn.fused_attn = False  # timm's explicit path, whose attn_drop receives the attention weights
+        block.attn.attn_drop.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected_features = theirs.forward_features(images)
+        expected_logits = theirs.forward_head(expected_features)
+    assert expected_logits.abs().max() > 0.1  # not comparing zeros
+    torch.testing.assert_close(ours(images), expected_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.forward_features(images), expected_features, rtol=1e-5, atol=1e-5)
+    maps = ours.attention_maps(images)
+    assert len(maps) == len(captured) == 3
+    for layer, (mine, timms) in enumerate(zip(maps, captured)):
+        torch.testing.assert_close(mine, timms, rtol=1e-5, atol=1e-6, msg=f"layer {layer}")
 
 
 def test_initialisation_follows_the_official_code():

@@ -48,6 +48,13 @@ NAMED_MODELS = ("ViT-Ti/16", "ViT-S/16", "ViT-B/16", "ViT-B/32", "ViT-L/16", "Vi
 _NAME_PATTERN = re.compile(r"^vit-(ti|s|b|l|h)(?:/(\d+))?$", re.IGNORECASE)
 
 
+def _heads_message(embed_dim: int, num_heads: int) -> str:
+    """The error for an embed_dim that the heads cannot share equally, with the head counts that would work."""
+    divisors = [k for k in range(1, min(embed_dim, 32) + 1) if embed_dim % k == 0]
+    return (f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}: each head gets embed_dim / num_heads "
+            f"features, so choose num_heads from {divisors} (or change embed_dim).")
+
+
 @dataclass(frozen=True)
 class ViTConfig:
     """Every hyper-parameter of a ViT. `ViTConfig.named("ViT-B/16")` gives the paper's ViT-Base with 16x16 patches."""
@@ -64,6 +71,11 @@ class ViTConfig:
     attention_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        # Positive sizes first: a zero patch_size or num_heads would otherwise fail below as a ZeroDivisionError.
+        for name in ("image_size", "patch_size", "in_channels", "num_classes", "embed_dim", "num_layers",
+                     "num_heads", "mlp_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if self.image_size % self.patch_size != 0:
             below = self.patch_size * max(1, self.image_size // self.patch_size)
             raise ValueError(
@@ -71,14 +83,7 @@ class ViTConfig:
                 f"choose {below} or {below + self.patch_size}, or another patch size."
             )
         if self.embed_dim % self.num_heads != 0:
-            raise ValueError(
-                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}: "
-                f"each head gets embed_dim / num_heads features."
-            )
-        for name in ("image_size", "patch_size", "in_channels", "num_classes", "embed_dim", "num_layers",
-                     "num_heads", "mlp_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+            raise ValueError(_heads_message(self.embed_dim, self.num_heads))
 
     @classmethod
     def named(cls, name: str, **overrides) -> "ViTConfig":
@@ -190,7 +195,8 @@ class PatchEmbedding(nn.Module):
         _, channels, height, width = images.shape
         if channels != self.in_channels:
             raise ValueError(f"expected images with {self.in_channels} channels, got {channels} "
-                             f"(shape {tuple(images.shape)}); convert them, e.g. with .convert('RGB').")
+                             f"(shape {tuple(images.shape)}); convert them, e.g. with .convert('RGB'), or build the "
+                             f"model with in_channels={channels}.")
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"image height and width must be multiples of the patch size {self.patch_size}, "
                              f"got {height}x{width}; resize or crop the images first.")
@@ -216,8 +222,8 @@ class MultiheadSelfAttention(nn.Module):
     def __init__(self, embed_dim: int = 768, num_heads: int = 12, attention_dropout: float = 0.0,
                  dropout: float = 0.0, fused: bool = True):
         super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}.")
+        if num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(_heads_message(embed_dim, num_heads))
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.attention_dropout = attention_dropout
@@ -392,7 +398,9 @@ class ViT(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Eq. 1: z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos, shape (batch, num_patches + 1, embed_dim)."""
         patches = self.patch_embed(images)  # (batch, num_patches, embed_dim)
-        if patches.shape[1] != self.config.num_patches:
+        # Compare height and width, not the number of patches: a 16x64 image has as many 8x8 patches as a 32x32
+        # one, but its grid is 2 x 8, and the position embeddings of a 4 x 4 grid would label them wrongly.
+        if tuple(images.shape[-2:]) != (self.config.image_size, self.config.image_size):
             raise ValueError(
                 f"this model was built for {self.config.image_size}x{self.config.image_size} images "
                 f"({self.config.num_patches} patches), got {tuple(images.shape[-2:])} ({patches.shape[1]} patches); "
@@ -428,13 +436,21 @@ class ViT(nn.Module):
     def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Every layer's attention weights for `images`: a list of L tensors (batch, heads, tokens, tokens).
 
-        Token 0 is the class token; tokens 1..N are the patches in row-major order over the grid.
+        Token 0 is the class token; tokens 1..N are the patches in row-major order over the grid. Every layer
+        computes every token (no class-token shortcut), and the model runs in eval mode, so dropout cannot change
+        the maps; every module's mode is restored afterwards.
         """
-        x = self.embed(images)
-        maps = []
-        for block in self.blocks:
-            x, weights = block(x, return_attention=True)
-            maps.append(weights)
+        modes = [(module, module.training) for module in self.modules()]  # each one's, in case some are frozen
+        self.eval()
+        try:
+            x = self.embed(images)
+            maps = []
+            for block in self.blocks:
+                x, weights = block(x, return_attention=True)
+                maps.append(weights)
+        finally:
+            for module, training in modes:
+                module.training = training
         return maps
 
     def num_parameters(self, trainable_only: bool = False) -> int:
