@@ -24,7 +24,7 @@ def test_bench_prints_a_table_for_ours_timm_and_torchvision(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     header = next(line for line in lines if line.startswith("implementation"))
     assert header.split() == ["implementation", "mode", "compiled", "batch", "img/s", "ms/step", "TFLOP/s", "MFU"]
-    assert any(line.startswith("matmul ceiling:") for line in lines)
+    assert any(line.startswith("matmul ceiling (float32 1024x1024x1024): ") for line in lines)
     rows = [line.split() for line in lines[lines.index(header) + 1:] if not line.startswith("saved")]
     assert [(row[0], row[1]) for row in rows] == [(name, mode) for name in ("ours", "timm", "torchvision")
                                                   for mode in ("train", "inference")]
@@ -89,3 +89,138 @@ def test_out_of_memory_becomes_a_note_also_when_the_compiler_wraps_it(monkeypatc
     monkeypatch.setattr(bench, "make_step", failing_with(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is a bug: it is not hidden
         bench.bench_one("ours", "train", config, 2, torch.device("cpu"), timing, ceiling=1e12)
+
+
+def test_analytic_flops_equal_flop_counter_mode_for_vit_b16():
+    """ViTConfig's count against torch's own, op by op, on ViT-B/16 at 224 (on the meta device: no arithmetic).
+    SDPA's math backend, so that QK^T and AV are counted as the matrix products they are."""
+    pytest.importorskip("timm")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = ViTConfig.named("ViT-B/16")
+    assert config.forward_flops() == pytest.approx(35.13e9, rel=1e-3)  # 17.56 GMACs
+    assert config.training_flops() == 3 * config.forward_flops()
+    for name in bench.IMPLEMENTATIONS:
+        with torch.device("meta"):
+            model = bench.build_model(name, config)
+            images, labels = torch.randn(2, 3, 224, 224), torch.zeros(2, dtype=torch.long)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as forward:
+            logits = model(images)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as backward:
+            torch.nn.functional.cross_entropy(logits, labels).backward()
+        counted_forward = forward.get_total_flops() / 2
+        counted_training = counted_forward + backward.get_total_flops() / 2
+        if name == "ours":  # the last layer's unread tokens skipped: what the table's caveat says
+            assert counted_forward == config.forward_flops() - 2 * config.unread_macs()
+        else:
+            assert counted_forward == config.forward_flops()
+            # 3 x forward; the real backward skips only the images' gradient (patch embedding, 0.2% of it)
+            assert counted_training == pytest.approx(config.training_flops(), rel=3e-3)
+            assert counted_training < config.training_flops()
+
+
+def test_compared_models_are_configured_alike():
+    """No dropout anywhere, and timm's attention is its fused kernel (F.scaled_dot_product_attention), as ours."""
+    pytest.importorskip("timm")
+    config = ViTConfig.named("ViT-Ti/16", image_size=32, num_classes=10)
+    for name in bench.IMPLEMENTATIONS:
+        model = bench.build_model(name, config)
+        assert all(module.p == 0 for module in model.modules() if isinstance(module, torch.nn.Dropout)), name
+        if name == "timm":
+            assert all(block.attn.fused_attn for block in model.blocks)
+        if name == "torchvision":
+            assert all(layer.self_attention.dropout == 0 for layer in model.encoder.layers)
+
+
+def test_cuda_events_are_recorded_on_the_stream_of_the_measured_device(monkeypatch):
+    """With --device cuda:1 the work runs on cuda:1's stream; events on the current device's (cuda:0) would time
+    an idle stream, and report absurd speeds. Faked: no GPU needed."""
+    recorded = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def elapsed_time(self, end):
+            return 2.0  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", device))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    device = torch.device("cuda", 1)
+    assert bench.median_step_seconds(lambda: None, steps=3, warmup_steps=1, device=device) == pytest.approx(2e-3)
+    assert recorded == [("stream of", device)] * 6
+
+
+def test_out_of_memory_while_moving_the_model_to_the_device_becomes_a_note(monkeypatch):
+    class TooBig(torch.nn.Linear):
+        def to(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bench, "build_model", lambda implementation, config: TooBig(2, 2))
+    config = ViTConfig.named("ViT-Ti/16", image_size=32, num_classes=10)
+    result = bench.bench_one("ours", "train", config, 2, torch.device("cpu"), bench.Timing(steps=1, warmup_steps=0),
+                             ceiling=1e12)
+    assert result.note == "out of memory: lower --batch-size" and result.images_per_second is None
+
+
+def test_a_model_that_ran_out_of_memory_is_freed_before_the_cache_is_emptied(monkeypatch):
+    """Else its weights, gradients and optimizer state stay allocated while the next implementation is measured."""
+    import gc
+    import types
+    import weakref
+
+    built, alive_after_collect = [], []
+    real_build = bench.build_model
+
+    def build_model(implementation, config):
+        model = real_build(implementation, config)
+        built.append(weakref.ref(model))
+        return model
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    def collect():  # bench_one's gc.collect(), just before it empties the CUDA cache
+        gc.collect()
+        alive_after_collect.append(built[0]() is not None)
+
+    monkeypatch.setattr(bench, "build_model", build_model)
+    monkeypatch.setattr(bench, "median_step_seconds", out_of_memory)
+    monkeypatch.setattr(bench, "gc", types.SimpleNamespace(collect=collect))
+    config = ViTConfig.named("ViT-Ti/16", image_size=32, num_classes=10)
+    result = bench.bench_one("ours", "train", config, 2, torch.device("cpu"), bench.Timing(steps=1, warmup_steps=0),
+                             ceiling=1e12)
+    assert result.note == "out of memory: lower --batch-size"
+    assert alive_after_collect == [False]
+
+
+def test_a_missing_library_is_a_note_in_the_table(monkeypatch, capsys):
+    import sys
+
+    for name in [name for name in sys.modules if name == "timm" or name.startswith("timm.")] + ["timm"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import timm...` now raises ModuleNotFoundError
+    assert main(["bench", *TINY, "--modes", "inference", "--compare", "timm"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[-2].split()[:2] == ["ours", "inference"] and float(rows[-2].split()[4]) > 0
+    assert rows[-1].split()[:4] == ["timm", "inference", "no", "2"] and "not installed (timm" in rows[-1]
+
+
+def test_table_says_how_it_was_timed_the_compile_mode_and_the_ceilings_matmul(monkeypatch):
+    def bench_one(implementation, mode, config, batch_size, device, timing, ceiling):  # no compiling here
+        return bench.BenchResult(implementation, mode, batch_size, timing.compile, ms_per_step=10.0,
+                                 images_per_second=100 * batch_size, tflops=1.0, mfu=0.5)
+
+    monkeypatch.setattr(bench, "bench_one", bench_one)
+    monkeypatch.setattr(bench, "measure_matmul_ceiling", lambda device: 2e12)
+    tiny = dict(image_size=32, num_classes=10, steps=7, warmup_steps=3, device="cpu")
+    table = bench.format_table(*bench.run_bench("ViT-Ti/16", 2, compile=True, compile_mode="reduce-overhead", **tiny))
+    assert "median of 7 timed steps after 3 warm-up steps" in table
+    assert "torch.compile mode reduce-overhead" in table
+    assert "matmul ceiling (float32 1024x1024x1024): 2.00 TFLOP/s" in table
+    assert "torch.compile mode default" in bench.format_table(*bench.run_bench("ViT-Ti/16", 2, compile=True, **tiny))
+    assert "torch.compile" not in bench.format_table(*bench.run_bench("ViT-Ti/16", 2, **tiny))

@@ -126,11 +126,12 @@ def median_step_seconds(step: Callable[[], None], steps: int, warmup_steps: int,
         step()
     synchronize(device)
     if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)  # the work's stream, also when `device` is not the current device
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
         for start, end in events:
-            start.record()
+            start.record(stream)
             step()
-            end.record()
+            end.record(stream)
         synchronize(device)
         return statistics.median(start.elapsed_time(end) / 1e3 for start, end in events)
     times = []
@@ -141,11 +142,16 @@ def median_step_seconds(step: Callable[[], None], steps: int, warmup_steps: int,
     return statistics.median(times)
 
 
+def ceiling_matmul(device: torch.device) -> tuple[int, torch.dtype]:
+    """The size and dtype of the matrix multiply `measure_matmul_ceiling` times on `device`."""
+    return (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+
+
 def measure_matmul_ceiling(device: torch.device | str = "cpu", size: int | None = None, repeats: int = 10) -> float:
     """FLOP/s of one large square matrix multiply: bf16 8192^3 on CUDA, float32 1024^3 on the CPU."""
     device = torch.device(device)
-    size = size or (8192 if device.type == "cuda" else 1024)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    default_size, dtype = ceiling_matmul(device)
+    size = size or default_size
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     seconds = median_step_seconds(lambda: torch.mm(a, b), repeats, warmup_steps=3, device=device)
@@ -208,23 +214,24 @@ def bench_one(implementation: str, mode: str, config: ViTConfig, batch_size: int
               timing: Timing, ceiling: float) -> BenchResult:
     result = BenchResult(implementation, mode, batch_size, timing.compile)
     try:
-        model = build_model(implementation, config).to(device)
+        model = build_model(implementation, config)
     except ImportError as error:
         result.note = f"not installed ({error.name})"
         return result
+    step = None
     try:
+        model.to(device)
         step = make_step(model, mode, batch_size, config, device, timing.compile, timing.compile_mode)
         seconds = median_step_seconds(step, timing.steps, timing.warmup_steps, device)
         if timing.profile_rows > 0:
             result.profile = profile_table(step, device, timing.profile_rows)
-        del step  # it holds the model, its optimizer state and the compiled graphs
     except Exception as error:
         if not _caused_by_out_of_memory(error):
             raise
         result.note = "out of memory: lower --batch-size"
         return result
     finally:
-        del model
+        del model, step  # step holds the model, its optimizer state and the compiled graphs, also after an error
         if timing.compile:
             # Forget the compiled graphs (and free CUDA graphs' memory pools): the next model would otherwise
             # count as a recompilation of the same forward and, past torch._dynamo's limit, run uncompiled.
@@ -259,14 +266,17 @@ def run_bench(model: str = "ViT-B/16", batch_size: int = 256, *, image_size: int
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     ceiling = measure_matmul_ceiling(device)
+    size, dtype = ceiling_matmul(device)
     timing = Timing(steps, warmup_steps, compile, compile_mode, profile_rows)
     results = [bench_one(implementation, mode, config, batch_size, device, timing, ceiling)
                for implementation in ("ours", *compare) for mode in modes]
     context = {"model": model, "config": dataclasses.asdict(config), "device": device_name(device),
                "precision": "bf16 autocast" if device.type == "cuda" else "float32",
-               "ceiling_flops": ceiling, "training_gflops_per_image": config.training_flops() / 1e9,
+               "ceiling_flops": ceiling, "ceiling_matmul": f"{str(dtype).removeprefix('torch.')} {size}x{size}x{size}",
+               "steps": steps, "warmup_steps": warmup_steps,
+               "training_gflops_per_image": config.training_flops() / 1e9,
                "forward_gflops_per_image": config.forward_flops() / 1e9, "torch": torch.__version__,
-               "compile_mode": compile_mode if compile else None}
+               "compiled": compile, "compile_mode": compile_mode if compile else None}
     return results, context
 
 
@@ -281,8 +291,11 @@ def format_table(results: list[BenchResult], context: dict) -> str:
     lines = [f"{context['model']} at {config['image_size']} px (patch {config['patch_size']}), "
              f"{context['forward_gflops_per_image']:.2f} GFLOPs forward / image, on {context['device']}, "
              f"{context['precision']}",
-             f"matmul ceiling: {context['ceiling_flops'] / 1e12:.2f} TFLOP/s; TFLOP/s and MFU count every token's "
-             f"FLOPs for every implementation (ours skips the last layer's unread ones), so they rank as img/s does",
+             f"median of {context['steps']} timed steps after {context['warmup_steps']} warm-up steps"
+             + (f", torch.compile mode {context['compile_mode'] or 'default'}" if context["compiled"] else ""),
+             f"matmul ceiling ({context['ceiling_matmul']}): {context['ceiling_flops'] / 1e12:.2f} TFLOP/s; "
+             f"TFLOP/s and MFU count every token's FLOPs for every implementation (ours skips the last layer's "
+             f"unread ones), so they rank as img/s does",
              f"{'implementation':<16} {'mode':<10} {'compiled':<9} {'batch':>6} {'img/s':>10} {'ms/step':>9} "
              f"{'TFLOP/s':>8} {'MFU':>7}"]
     for r in results:
