@@ -154,7 +154,10 @@ def measure_matmul_ceiling(device: torch.device | str = "cpu", size: int | None 
     size = size or default_size
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = median_step_seconds(lambda: torch.mm(a, b), repeats, warmup_steps=3, device=device)
+    # An idle GPU runs at a fraction of its clock until load raises it: a few milliseconds of warm-up could time
+    # part of the ramp and give a low ceiling (an MFU too high). 100 products of 8192^3 keep it busy ~0.15 s first.
+    warmup_steps = 100 if device.type == "cuda" else 3
+    seconds = median_step_seconds(lambda: torch.mm(a, b), repeats, warmup_steps=warmup_steps, device=device)
     return 2 * size ** 3 / seconds
 
 
