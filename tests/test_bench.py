@@ -224,3 +224,19 @@ def test_table_says_how_it_was_timed_the_compile_mode_and_the_ceilings_matmul(mo
     assert "matmul ceiling (float32 1024x1024x1024): 2.00 TFLOP/s" in table
     assert "torch.compile mode default" in bench.format_table(*bench.run_bench("ViT-Ti/16", 2, compile=True, **tiny))
     assert "torch.compile" not in bench.format_table(*bench.run_bench("ViT-Ti/16", 2, **tiny))
+
+
+def test_ours_is_measured_first_unless_the_order_names_it(monkeypatch):
+    measured = []
+
+    def fake_bench_one(implementation, mode, *args):
+        measured.append(implementation)
+        return bench.BenchResult(implementation, mode, 2, False)
+
+    monkeypatch.setattr(bench, "bench_one", fake_bench_one)
+    monkeypatch.setattr(bench, "measure_matmul_ceiling", lambda device: 1e12)
+    for text, order in [("timm,torchvision", ["ours", "timm", "torchvision"]), ("timm,ours", ["timm", "ours"]),
+                        ("ours,timm,ours", ["ours", "timm"])]:
+        measured.clear()
+        bench.run_bench("ViT-Ti/16", 2, compare=bench.parse_names(text), modes=["train"], device="cpu")
+        assert measured == order, text

@@ -71,7 +71,7 @@ def parse_names(text: str) -> list[str]:
     if unknown:
         raise ValueError(f"--compare: unknown implementation(s) {', '.join(unknown)}; choose from "
                          f"{', '.join(IMPLEMENTATIONS[1:])}.")
-    return [name for name in names if name != "ours"]
+    return list(dict.fromkeys(names))  # in the order given, once each; run_bench adds ours first if absent
 
 
 def parse_modes(text: str) -> list[str]:
@@ -257,6 +257,9 @@ def run_bench(model: str = "ViT-B/16", batch_size: int = 256, *, image_size: int
               profile_rows: int = 0) -> tuple[list[BenchResult], dict]:
     """Measure ours (and `compare`) in every mode. Returns (results, context: model, device, ceiling, ...).
 
+    Ours is measured first unless `compare` names it elsewhere: e.g. ("timm", "ours") measures timm first, to see
+    whether the order (a GPU that warms up or heats up over the run) moved a close result.
+
     `profile_rows` > 0 also profiles a few steps of each and keeps that many rows of torch.profiler's table
     (`BenchResult.profile`, printed by `format_profiles`): profile before guessing what to speed up."""
     overrides = {key: value for key, value in (("image_size", image_size), ("patch_size", patch_size))
@@ -272,7 +275,7 @@ def run_bench(model: str = "ViT-B/16", batch_size: int = 256, *, image_size: int
     size, dtype = ceiling_matmul(device)
     timing = Timing(steps, warmup_steps, compile, compile_mode, profile_rows)
     results = [bench_one(implementation, mode, config, batch_size, device, timing, ceiling)
-               for implementation in ("ours", *compare) for mode in modes]
+               for implementation in (compare if "ours" in compare else ("ours", *compare)) for mode in modes]
     context = {"model": model, "config": dataclasses.asdict(config), "device": device_name(device),
                "precision": "bf16 autocast" if device.type == "cuda" else "float32",
                "ceiling_flops": ceiling, "ceiling_matmul": f"{str(dtype).removeprefix('torch.')} {size}x{size}x{size}",
