@@ -1,0 +1,121 @@
+"""What only a CUDA GPU runs: the engine's bf16 autocast and fused AdamW, augmentation and the image store on the
+device, and checkpoints carried from a GPU to a laptop. Skipped where there is no GPU (CI has none); the GPU sessions
+run them first (BENCHMARKS.md), in under a minute. They stay small: tiny models, uncompiled (scripts/gpu_checks.py
+compiles and times the real sizes).
+
+`VIT_HELPERS_CUDA_TESTS_DEVICE=cpu` runs them on the CPU instead, only to check the test code itself: there the
+comparisons with the CPU are trivially true.
+"""
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from vit_helpers.gpu_data import DeviceAugment, make_cached_loaders
+from vit_helpers.model import ViT, ViTConfig
+from vit_helpers.training import TrainConfig, fit, load_checkpoint
+
+DEVICE = torch.device(os.environ.get("VIT_HELPERS_CUDA_TESTS_DEVICE", "cuda"))
+pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (run on the device machine: see BENCHMARKS.md)")
+
+NUM_CLASSES = 4
+
+
+def coloured_images(num_samples: int, seed: int = 0) -> TensorDataset:
+    """Noisy 8x8 images whose class is their colour: separable in every patch (as in test_training.py)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, NUM_CLASSES, (num_samples,), generator=generator)
+    colours = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [-1.0, -1.0, -1.0]])
+    images = 0.5 * torch.randn(num_samples, 3, 8, 8, generator=generator) + colours[labels][:, :, None, None]
+    return TensorDataset(images, labels)
+
+
+def tiny_vit(seed: int = 0) -> ViT:
+    torch.manual_seed(seed)
+    return ViT(ViTConfig(image_size=8, patch_size=4, num_classes=NUM_CLASSES, embed_dim=32, num_layers=2,
+                         num_heads=2, mlp_dim=64))
+
+
+def loaders():
+    return (DataLoader(coloured_images(256), batch_size=16, shuffle=True),
+            DataLoader(coloured_images(64, seed=1), batch_size=32))
+
+
+# compile=False: the tests check the numerics of autocast and the fused optimiser, not the compiler's speed.
+CONFIG = TrainConfig(lr=3e-3, warmup_epochs=0.5, device=str(DEVICE), compile=False, log_every=4)
+
+
+def test_bf16_training_on_the_gpu_learns_and_resumes_like_an_uninterrupted_run(tmp_path):
+    straight = fit(tiny_vit(), *loaders(), 4, config=CONFIG, progress=False, checkpoint_path=tmp_path / "a.pt")
+    assert straight[-1]["train_loss"] < 0.7 * straight[0]["train_loss"]
+    assert straight[-1]["test_accuracy"] >= 0.9  # chance is 0.25
+    fit(tiny_vit(), *loaders(), 4, config=CONFIG, progress=False, checkpoint_path=tmp_path / "b.pt",
+        stop_after_epoch=2)
+    resumed = fit(tiny_vit(seed=5), *loaders(), 4, config=CONFIG, progress=False, checkpoint_path=tmp_path / "b.pt",
+                  resume=True)
+    # The same seeds and data order; GPU kernels may sum in another order from run to run (attention's backward
+    # among them), so equal up to that rounding, not bit for bit as on the CPU.
+    for a, b in zip(straight, resumed):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-3)
+    a, b = load_checkpoint(tmp_path / "a.pt")["model"], load_checkpoint(tmp_path / "b.pt")["model"]
+    for name in a:
+        assert a[name].device.type == "cpu"  # load_checkpoint maps to the CPU
+        torch.testing.assert_close(b[name], a[name], rtol=1e-2, atol=1e-3, msg=name)
+
+
+def test_a_checkpoint_written_on_the_gpu_gives_the_same_predictions_on_the_cpu(tmp_path):
+    model = tiny_vit()
+    fit(model, *loaders(), 1, config=CONFIG, progress=False, checkpoint_path=tmp_path / "gpu.pt")
+    images = coloured_images(32, seed=2).tensors[0]
+    with torch.no_grad():
+        on_gpu = model.to(DEVICE).eval()(images.to(DEVICE)).cpu()  # float32, no autocast
+        on_cpu = ViT(model.config).eval()
+        on_cpu.load_state_dict(load_checkpoint(tmp_path / "gpu.pt")["model"])  # what a notebook on a laptop does
+        # fit allowed TF32 matrix products on the GPU (10-bit mantissas): close, not equal. Weights that were not
+        # carried over would differ by the whole logit.
+        torch.testing.assert_close(on_cpu(images), on_gpu, rtol=1e-2, atol=1e-2)
+
+
+def test_augmentation_on_the_gpu_equals_the_same_augmentation_on_the_cpu():
+    # DeviceAugment draws its random numbers on the CPU, so (seed, epoch) decide the result on any device.
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for policy in ("basic", "strong"):
+        augment = DeviceAugment(policy)
+        on_cpu = augment(images, torch.Generator().manual_seed(7))
+        on_device = augment(images.to(DEVICE), torch.Generator().manual_seed(7))
+        assert on_device.device.type == DEVICE.type
+        # Interpolation rounds differently on the GPU; a value at a posterize or solarize threshold may then land
+        # on the other side (a step of 2/255 or more): rare pixels, not the draws.
+        close = ((on_device.cpu() - on_cpu).abs() < 1e-4).float().mean()
+        assert close > 0.999, f"{policy}: only {close:.4f} of the values agree"
+
+
+def write_tree(root, images_per_class=6):
+    generator = torch.Generator().manual_seed(3)
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(images_per_class):
+                pixels = torch.randint(0, 256, (12, 12, 3), dtype=torch.uint8, generator=generator).numpy()
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+def test_the_image_store_on_the_gpu_or_in_pinned_cpu_memory_gives_the_same_batches(tmp_path):
+    root = write_tree(tmp_path / "data")
+    batches = {}
+    for keep_on_device in (True, False):
+        train, test, _ = make_cached_loaders(root, image_size=8, batch_size=4, device=DEVICE, augment="strong",
+                                             keep_on_device=keep_on_device)
+        assert (train.images.device.type == DEVICE.type) == keep_on_device or DEVICE.type == "cpu"
+        train.set_epoch(3)
+        batches[keep_on_device] = [torch.cat(part) for part in zip(*train)] + [torch.cat(part) for part in zip(*test)]
+        assert all(batch.device.type == DEVICE.type for batch in batches[keep_on_device])
+    for on_device, in_cpu_memory in zip(batches[True], batches[False]):
+        assert torch.equal(on_device, in_cpu_memory)  # the same rows gathered, the same ops on the same device
