@@ -1,5 +1,6 @@
 """`python -m vit_helpers train | download`: the files a run writes, resuming, and one-line errors."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -21,19 +22,23 @@ REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"blue": (30, 40, 220), "red": (220, 40, 30), "green": (40, 200, 40)}
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    """train/ and test/ ImageFolders of 16x16 PNGs, three classes told apart by colour."""
-    root = tmp_path_factory.mktemp("tiny_images")
+def make_image_folders(root: Path, colours: dict) -> Path:
+    """train/ and test/ ImageFolders of 16x16 PNGs, one class per colour."""
     generator = torch.Generator().manual_seed(0)
     for split, count in (("train", 16), ("test", 5)):
-        for name, colour in COLOURS.items():
+        for name, colour in colours.items():
             (root / split / name).mkdir(parents=True)
             for index in range(count):
                 noise = torch.randint(-30, 30, (16, 16, 3), generator=generator)
                 pixels = (torch.tensor(colour) + noise).clamp(0, 255).to(torch.uint8).numpy()
                 Image.fromarray(pixels).save(root / split / name / f"{index}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """Three classes told apart by colour."""
+    return make_image_folders(tmp_path_factory.mktemp("tiny_images"), COLOURS)
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -98,9 +103,20 @@ def one_error_line(capsys) -> str:
     (["--model", "ViT-X/16"], "unknown model 'ViT-X/16'"),
     (["--image-size", "30"], "image_size 30 is not a multiple of patch_size 8"),
     (["--device", "tpu"], "unknown device 'tpu'"),
-    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    (["--epochs", "two"], "argument --epochs: expected a whole number of at least 1, got 'two'"),
     (["--recipe", "nope"], "unknown recipe 'nope'"),
     (["--mixup", "-0.2"], "mixup_alpha and cutmix_alpha must be 0 (off) or positive"),
+    # Each of these was a traceback (epochs, lr, label smoothing, cpu threads) or silently ignored (patch size,
+    # cpu threads and stop-after-epoch 0) before the flags checked their values.
+    (["--epochs", "-1"], "argument --epochs: expected a whole number of at least 1, got '-1'"),
+    (["--epochs", "0"], "argument --epochs: expected a whole number of at least 1, got '0'"),
+    (["--lr", "-0.001"], "argument --lr: expected a positive number, got '-0.001'"),
+    (["--lr", "nan"], "argument --lr: expected a positive number, got 'nan'"),
+    (["--label-smoothing", "2"], "argument --label-smoothing: expected a number from 0 to 1, got '2'"),
+    (["--patch-size", "0"], "argument --patch-size: expected a whole number of at least 1, got '0'"),
+    (["--cpu-threads", "-1"], "argument --cpu-threads: expected a whole number of at least 1, got '-1'"),
+    (["--cpu-threads", "0"], "argument --cpu-threads: expected a whole number of at least 1, got '0'"),
+    (["--stop-after-epoch", "0"], "argument --stop-after-epoch: expected a whole number of at least 1, got '0'"),
 ])
 def test_bad_arguments_give_one_line_and_exit_code_2(tiny_folder, tmp_path, capsys, extra, message):
     assert main(train_args(tiny_folder, tmp_path / "run", *extra)) == 2
@@ -197,3 +213,78 @@ def test_crop_scale_reaches_the_loader_and_resumes_with_the_same_flag(tiny_folde
     assert seen == [(0.5, 1.0), (0.5, 1.0)]
     assert json.loads((out / "metrics.json").read_text())["settings"]["crop_scale"] == [0.5, 1.0]
     assert main(train_args(tiny_folder, tmp_path / "bad", "--crop-scale", "0", "1")) == 2  # one clear line
+
+
+def test_out_that_is_a_file_gives_one_line(tiny_folder, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        assert main(train_args(tiny_folder, out)) == 2
+        assert f"{tmp_path / 'file'} is a file, not a folder" in one_error_line(capsys)
+
+
+def test_resume_refuses_other_classes_and_fewer_epochs_and_lengthens_a_finished_run(tiny_folder, tmp_path, capsys):
+    import re
+
+    from vit_helpers.cli import build_parser
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out)) == 0  # finished: 2 epochs of 2
+    before = (out / "metrics.json").read_bytes()
+    capsys.readouterr()
+    other = make_image_folders(tmp_path / "other", {"cyan": (0, 200, 200), "magenta": (200, 0, 200),
+                                                    "yellow": (200, 200, 0)})
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--data", str(other)]) == 2
+    error = capsys.readouterr().err  # the refusal, after the progress bars of reading the other data
+    line = error.strip().splitlines()[-1]
+    assert "Traceback" not in error and line.startswith("python -m vit_helpers train: error: --resume: ")
+    assert "has the classes cyan, magenta, yellow, but this run was trained on blue, green, red" in line
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "1"]) == 2
+    assert "completed 2 epochs already, more than --epochs 1" in one_error_line(capsys)
+    assert main(["train", "--out", str(out), "--resume", "--mixup", "0.3"]) == 2
+    line = one_error_line(capsys)
+    assert "--mixup cannot change" in line and "--no-compile" in line
+    train_flags = {flag for action in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+                   for flag in action.option_strings}
+    assert set(re.findall(r"--[a-z-]+", line)) <= train_flags  # every flag it names exists
+    assert (out / "metrics.json").read_bytes() == before  # a refused resume leaves the run as it was
+
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3"]) == 0  # a longer schedule
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [record["epoch"] for record in metrics["history"]] == [1, 2, 3]
+    assert metrics["settings"]["epochs"] == 3 and load_checkpoint(out / "checkpoint.pt")["epoch"] == 3
+
+
+def test_a_new_run_that_fails_leaves_no_results_of_the_run_it_replaces(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--epochs", "1")) == 0
+    assert main(train_args(tiny_folder, out, "--lr", "1e30")) == 1  # a new run in the same --out: a NaN loss
+    assert "holds an earlier run" in capsys.readouterr().out
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoint.pt"]  # metrics.json and plots are gone
+
+
+def test_plots_are_written_whole_or_not_at_all(tiny_folder, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def broken_savefig(figure, target, **kwargs):  # the disk fills up half-way through the first plot
+        with open(target, "wb") if isinstance(target, (str, os.PathLike)) else contextlib.nullcontext(target) as file:
+            file.write(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="No space left"):
+        main(train_args(tiny_folder, out, "--epochs", "1"))
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoint.pt", "metrics.json"]
+
+
+def test_model_flag_replaces_the_recipes_model_with_its_overrides(tmp_path):
+    from vit_helpers.cli import build_parser, model_config, run_settings
+
+    def config(*flags):
+        args = build_parser().parse_args(["train", "--recipe", "demo", "--out", str(tmp_path), *flags])
+        return model_config(run_settings(args, "cpu"), num_classes=10)
+
+    assert config().embed_dim == 128 and config().num_layers == 4  # the recipe's own ViT-Ti/7, made smaller
+    assert config("--model", "vit-ti/7").embed_dim == 128  # the recipe's model, however it is spelled
+    b16 = config("--model", "ViT-B/16", "--image-size", "32")
+    assert (b16.embed_dim, b16.num_layers, b16.num_heads, b16.mlp_dim) == (768, 12, 12, 3072)

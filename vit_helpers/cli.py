@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -34,6 +35,8 @@ from vit_helpers.recipes import RECIPES, Recipe, get_recipe  # noqa: E402
 
 #: What `--resume` may change; everything else comes from the checkpoint, so the run continues as it began.
 RESUMABLE_FLAGS = ("data", "epochs", "device", "compile", "compile_mode", "num_workers", "cpu_threads")
+#: The files a finished run writes into OUT besides its checkpoint.
+RESULT_FILES = ("metrics.json", "loss_curves.png", "confusion_matrix.png", "predictions.png")
 
 
 class UsageError(Exception):
@@ -45,8 +48,35 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def flag_name(setting: str) -> str:
+    """The flag that sets `setting` (--no-compile sets compile, --mixup sets mixup_alpha, ...)."""
+    flags = {"compile": "--no-compile", "mixup_alpha": "--mixup", "cutmix_alpha": "--cutmix"}
+    return flags.get(setting, "--" + setting.replace("_", "-"))
+
+
 def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _number(kind, test, wanted: str):
+    """An argparse type: `kind` (int or float) for which `test(value)` holds, else the flag's error says `wanted`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, lambda value: value >= 1, "a whole number of at least 1")
+non_negative_int = _number(int, lambda value: value >= 0, "a whole number, 0 or more")
+positive_float = _number(float, lambda value: math.isfinite(value) and value > 0, "a positive number")
+non_negative_float = _number(float, lambda value: math.isfinite(value) and value >= 0, "a number, 0 or more")
+fraction = _number(float, lambda value: 0 <= value <= 1, "a number from 0 to 1")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -71,15 +101,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     # Defaults are None so that a recipe's values apply unless the flag is given.
     parser.add_argument("--data", help="image folder (<folder>/<class>/<image>, optionally split into train/ "
                                        "and test/) or a name: sample, animals10, cifar10")
-    parser.add_argument("--model", help="ViT-Ti/16, ViT-S/16, ViT-B/16, ViT-B/32, ViT-L/16, ... (ViTConfig.named)")
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--patch-size", type=int, help="overrides the patch size of --model")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int, help="per process")
-    parser.add_argument("--lr", type=float, help="peak learning rate")
-    parser.add_argument("--weight-decay", type=float)
-    parser.add_argument("--warmup-epochs", type=float)
-    parser.add_argument("--label-smoothing", type=float)
+    parser.add_argument("--model", help="ViT-Ti/16, ViT-S/16, ViT-B/16, ViT-B/32, ViT-L/16, ... (ViTConfig.named); "
+                                        "with --recipe, that model as named, without the recipe's changes to it")
+    parser.add_argument("--image-size", type=positive_int)
+    parser.add_argument("--patch-size", type=positive_int, help="overrides the patch size of --model")
+    parser.add_argument("--epochs", type=positive_int, help="the length of the schedule; with --resume, "
+                                                            "a longer one continues a finished run")
+    parser.add_argument("--batch-size", type=positive_int, help="per process")
+    parser.add_argument("--lr", type=positive_float, help="peak learning rate")
+    parser.add_argument("--weight-decay", type=non_negative_float)
+    parser.add_argument("--warmup-epochs", type=non_negative_float)
+    parser.add_argument("--label-smoothing", type=fraction)
     parser.add_argument("--mixup", dest="mixup_alpha", type=float, metavar="ALPHA",
                         help="MixUp on every batch with Beta(ALPHA, ALPHA) weights (0: off, the default)")
     parser.add_argument("--cutmix", dest="cutmix_alpha", type=float, metavar="ALPHA",
@@ -90,18 +122,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "vit_helpers.data.RANDOM_CROP_SCALE)")
     parser.add_argument("--cached", action=argparse.BooleanOptionalAction,
                         help="decode the images once and augment them on the device (fast on GPUs)")
-    parser.add_argument("--num-workers", type=int, help="data-loading processes (default: by data-set size)")
+    parser.add_argument("--num-workers", type=non_negative_int,
+                        help="data-loading processes (default: by data-set size)")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--cpu-threads", type=int, help="torch threads when training on the CPU")
+    parser.add_argument("--cpu-threads", type=positive_int, help="torch threads when training on the CPU")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                         help="do not torch.compile the model (it is compiled on CUDA by default)")
     parser.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--recipe", help=f"a named configuration: {', '.join(RECIPES)}; flags override it")
     parser.add_argument("--out", required=True, help="folder for checkpoint.pt, metrics.json and the plots")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.add_argument("--stop-after-epoch", type=int, help="end this session after that epoch of the "
-                                                             "schedule; --resume finishes it")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue from OUT/checkpoint.pt with the run's own settings; only "
+                             f"{', '.join(flag_name(name) for name in RESUMABLE_FLAGS)} may be given anew")
+    parser.add_argument("--stop-after-epoch", type=positive_int, help="end this session after that epoch of the "
+                                                                      "schedule; --resume finishes it")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +150,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                                                "(CUDA graphs) or max-autotune-no-cudagraphs")
     parser.add_argument("--compare", default="",
                         help="also measure these implementations: timm, torchvision, ours-all-tokens (ours without "
-                             "skipping the last layer's unread tokens)")
+                             "skipping the last layer's unread tokens); ours comes first unless named, e.g. "
+                             "timm,ours measures timm first")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--modes", default="train,inference", help="train, inference or both")
@@ -141,8 +177,19 @@ def run_settings(args, device_type: str) -> dict:
     that was given."""
     recipe = get_recipe(args.recipe, device_type) if args.recipe else Recipe()
     settings = {"recipe": args.recipe, **recipe_settings(recipe), **COMMAND_LINE_DEFAULTS}
-    settings.update(given_flags(args))
+    given = given_flags(args)
+    if "model" in given and not same_model(given["model"], recipe.model):
+        settings["model_overrides"] = {}  # the recipe's changes to its own model: --model names another one
+    settings.update(given)
     return settings
+
+
+def same_model(name: str, other: str) -> bool:
+    """Whether two `ViTConfig.named` names name the same preset ("vit-ti" and "ViT-Ti/16" do)."""
+    try:
+        return ViTConfig.named(name) == ViTConfig.named(other)
+    except ValueError:
+        return False
 
 
 def recipe_settings(recipe: Recipe) -> dict:
@@ -172,11 +219,13 @@ def train_config(settings: dict) -> training.TrainConfig:
     return training.TrainConfig.from_settings(settings)
 
 
-def resumed_settings(args, checkpoint_path: Path) -> dict:
-    """The settings of the run being resumed, with the flags that may change (RESUMABLE_FLAGS) applied."""
+def resumed_settings(args, checkpoint_path: Path) -> tuple[dict, list[str] | None]:
+    """The settings of the run being resumed, with the flags that may change (RESUMABLE_FLAGS) applied, and the
+    class names it was trained on."""
     if not checkpoint_path.is_file():
         raise UsageError(f"--resume: no checkpoint at {checkpoint_path}; drop --resume to start a new run.")
-    settings = training.load_checkpoint(checkpoint_path).get("metadata", {}).get("settings")
+    checkpoint = training.load_checkpoint(checkpoint_path)
+    settings = checkpoint.get("metadata", {}).get("settings")
     if settings is None:
         raise UsageError(f"--resume: {checkpoint_path} was not written by `python -m vit_helpers train`.")
     given = given_flags(args)
@@ -185,10 +234,32 @@ def resumed_settings(args, checkpoint_path: Path) -> dict:
     fixed = {name: value for name, value in given.items() if name not in RESUMABLE_FLAGS
              and value != settings.get(name)}
     if fixed:
-        listed = ", ".join(f"--{name.replace('_', '-')}" for name in fixed)
+        listed = ", ".join(flag_name(name) for name in fixed)
         raise UsageError(f"--resume continues the run as it was set up; {listed} cannot change (only "
-                         f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE_FLAGS)} can). Use a new --out.")
-    return dict(settings, **{name: given[name] for name in RESUMABLE_FLAGS if name in given})
+                         f"{', '.join(flag_name(name) for name in RESUMABLE_FLAGS)} can). Use a new --out.")
+    settings = dict(settings, **{name: given[name] for name in RESUMABLE_FLAGS if name in given})
+    if settings["epochs"] < checkpoint["epoch"]:
+        raise UsageError(f"--resume: this run has completed {checkpoint['epoch']} epochs already, more than "
+                         f"--epochs {settings['epochs']}; give --epochs {checkpoint['epoch'] + 1} or more to train on.")
+    return settings, checkpoint.get("class_names")
+
+
+def check_same_classes(class_names, run_class_names, data) -> None:
+    """--resume with --data: the data must have the classes the run was trained on, in the same order."""
+    if run_class_names is not None and list(class_names) != list(run_class_names):
+        def listed(names):
+            return ", ".join(names[:5]) + (f", ... ({len(names)} classes)" if len(names) > 5 else "")
+
+        raise UsageError(f"--resume: --data {data} has the classes {listed(list(class_names))}, but this run was "
+                         f"trained on {listed(list(run_class_names))}; give the run's data, or start a new run "
+                         f"with a new --out.")
+
+
+def check_out_folder(out: Path) -> None:
+    """OUT must be a folder, or a path where one can be made."""
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder; choose another --out.")
 
 
 def build_loaders(settings: dict, device: torch.device):
@@ -214,9 +285,11 @@ def prepare_run(args):
     from vit_helpers.datasets import DatasetError
 
     out = Path(args.out)
+    check_out_folder(out)
+    run_class_names = None
     try:
         if args.resume:
-            settings = resumed_settings(args, out / "checkpoint.pt")
+            settings, run_class_names = resumed_settings(args, out / "checkpoint.pt")
         else:
             settings = run_settings(args, training.resolve_device(args.device or "auto").type)
         model_config(settings, num_classes=2)  # checks the model name and sizes before the data is read
@@ -228,6 +301,7 @@ def prepare_run(args):
         train_loader, test_loader, class_names = build_loaders(settings, device)
     except (ValueError, TypeError, FileNotFoundError, DatasetError) as error:
         raise UsageError(one_line(error)) from None
+    check_same_classes(class_names, run_class_names, settings["data"])
     torch.manual_seed(settings["seed"])
     model = ViT(model_config(settings, num_classes=len(class_names)))
     return settings, device, train_loader, test_loader, class_names, model
@@ -242,30 +316,44 @@ def train(args) -> int:
 
 
 def _train(args) -> int:
-    settings, device, train_loader, test_loader, class_names, model = prepare_run(args)
+    try:
+        return _prepared_train(args, *prepare_run(args))
+    except BaseException:
+        training.cleanup_distributed(wait=False)  # NCCL warns about a process group never destroyed
+        raise
+
+
+def _prepared_train(args, settings, device, train_loader, test_loader, class_names, model) -> int:
     rank, world_size = training.distributed_info()
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            remove_earlier_results(out)
         print(f"training {settings['model']} ({model.num_parameters() / 1e6:.2f}M parameters, "
               f"{model.config.image_size}px, patch {model.config.patch_size}) on {settings['data']} "
               f"({len(class_names)} classes) on {device}"
               + (f" x {world_size} processes" if world_size > 1 else "")
               + (f", recipe {settings['recipe']}" if settings["recipe"] else ""), flush=True)
     started = time.perf_counter()
-    try:
-        history = training.fit(model, train_loader, test_loader, config=train_config(settings),
-                               class_names=class_names, checkpoint_path=out / "checkpoint.pt", resume=args.resume,
-                               stop_after_epoch=args.stop_after_epoch, metadata={"settings": settings})
-        probabilities, labels = training.predict(model, test_loader, device)
-        if rank == 0:
-            write_results(out, settings, model, history, class_names, probabilities, labels, test_loader,
-                          world_size, time.perf_counter() - started)
-    except BaseException:
-        training.cleanup_distributed(wait=False)  # NCCL warns about a process group never destroyed
-        raise
+    history = training.fit(model, train_loader, test_loader, config=train_config(settings),
+                           class_names=class_names, checkpoint_path=out / "checkpoint.pt", resume=args.resume,
+                           stop_after_epoch=args.stop_after_epoch, metadata={"settings": settings})
+    probabilities, labels = training.predict(model, test_loader, device)
+    if rank == 0:
+        write_results(out, settings, model, history, class_names, probabilities, labels, test_loader,
+                      world_size, time.perf_counter() - started)
     training.cleanup_distributed()
     return 0
+
+
+def remove_earlier_results(out: Path) -> None:
+    """A new run in a folder that holds another one: that run's metrics and plots go at once, so that none of
+    them passes for this run's if it stops early. Its checkpoint stays until this run writes its own."""
+    if (out / "checkpoint.pt").is_file():
+        print(f"{out} holds an earlier run: this new run replaces it (--resume would have continued it)")
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def write_results(out: Path, settings, model, history, class_names, probabilities, labels, test_loader,
@@ -303,7 +391,8 @@ def write_results(out: Path, settings, model, history, class_names, probabilitie
     figures["predictions.png"] = plots.plot_predictions(images, example_probabilities, class_names,
                                                         example_labels, denormalize=denormalize)
     for name, figure in figures.items():
-        figure.savefig(out / name, dpi=110)
+        with atomic_write(out / name) as file:
+            figure.savefig(file, format="png", dpi=110)
     print(f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs_completed']} epochs "
           f"({seconds:.0f} s, {metrics['images_per_second']:.0f} img/s)")
     print(f"metrics:    {out / 'metrics.json'}\ncheckpoint: {out / 'checkpoint.pt'}\n"

@@ -2,7 +2,8 @@
 
 A recipe fixes the model (a `ViTConfig.named` name plus overrides), the image size, the optimisation
 (epochs, batch size, learning rate, weight decay, warm-up, label smoothing), the augmentation and whether the
-images are cached on the device. Flags given on the command line override the recipe's values.
+images are cached on the device. Flags given on the command line override the recipe's values; `--model` with
+another model replaces the recipe's model, `model_overrides` included.
 """
 
 from __future__ import annotations
