@@ -288,3 +288,26 @@ def test_model_flag_replaces_the_recipes_model_with_its_overrides(tmp_path):
     assert config("--model", "vit-ti/7").embed_dim == 128  # the recipe's model, however it is spelled
     b16 = config("--model", "ViT-B/16", "--image-size", "32")
     assert (b16.embed_dim, b16.num_layers, b16.num_heads, b16.mlp_dim) == (768, 12, 12, 3072)
+
+
+def test_resume_accepts_the_recipe_however_spelt_and_refuses_a_stop_already_past(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = train_args(tiny_folder, out, "--stop-after-epoch", "1")
+    args[args.index("demo")] = "Demo"  # get_recipe takes any case; the run records the recipe's own name
+    assert main(args) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["metadata"]["settings"]["recipe"] == "demo"
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--stop-after-epoch", "1"]) == 2
+    assert "completed 1 epochs already, so --stop-after-epoch 1 is past" in one_error_line(capsys)
+    assert main(["train", "--out", str(out), "--resume", "--recipe", "DEMO"]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+
+
+def test_resume_gives_settings_added_since_a_checkpoint_was_written_their_defaults(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--stop-after-epoch", "1")) == 0
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    del checkpoint["metadata"]["settings"]["crop_scale"]  # as written before crop_scale existed
+    torch.save(checkpoint, out / "checkpoint.pt")
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["settings"]["crop_scale"] is None

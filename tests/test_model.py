@@ -172,6 +172,11 @@ def test_patch_embedding_rejects_bad_images(shape, message):
         PatchEmbedding(8, 3, 16)(torch.randn(shape))
 
 
+def test_integer_images_are_refused_with_what_to_do():
+    with pytest.raises(ValueError, match=r"floating-point images, got torch.uint8.*float\(\) / 255"):
+        ViT(tiny_config())(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
 def test_vit_rejects_images_of_another_size():
     model = ViT(tiny_config())
     with pytest.raises(ValueError, match="built for 32x32"):

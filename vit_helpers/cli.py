@@ -176,7 +176,7 @@ def run_settings(args, device_type: str) -> dict:
     """The run's settings: the recipe's fields (or the defaults), the command line's own defaults, then every flag
     that was given."""
     recipe = get_recipe(args.recipe, device_type) if args.recipe else Recipe()
-    settings = {"recipe": args.recipe, **recipe_settings(recipe), **COMMAND_LINE_DEFAULTS}
+    settings = {"recipe": recipe.name if args.recipe else None, **recipe_settings(recipe), **COMMAND_LINE_DEFAULTS}
     given = given_flags(args)
     if "model" in given and not same_model(given["model"], recipe.model):
         settings["model_overrides"] = {}  # the recipe's changes to its own model: --model names another one
@@ -228,9 +228,11 @@ def resumed_settings(args, checkpoint_path: Path) -> tuple[dict, list[str] | Non
     settings = checkpoint.get("metadata", {}).get("settings")
     if settings is None:
         raise UsageError(f"--resume: {checkpoint_path} was not written by `python -m vit_helpers train`.")
+    # A setting added to the program after this run was written takes its default: what that run did.
+    settings = {**recipe_settings(Recipe()), **COMMAND_LINE_DEFAULTS, **settings}
     given = given_flags(args)
     if args.recipe:
-        given["recipe"] = args.recipe
+        given["recipe"] = get_recipe(args.recipe).name  # as run_settings records it: --recipe Demo is demo
     fixed = {name: value for name, value in given.items() if name not in RESUMABLE_FLAGS
              and value != settings.get(name)}
     if fixed:
@@ -241,6 +243,9 @@ def resumed_settings(args, checkpoint_path: Path) -> tuple[dict, list[str] | Non
     if settings["epochs"] < checkpoint["epoch"]:
         raise UsageError(f"--resume: this run has completed {checkpoint['epoch']} epochs already, more than "
                          f"--epochs {settings['epochs']}; give --epochs {checkpoint['epoch'] + 1} or more to train on.")
+    if args.stop_after_epoch is not None and args.stop_after_epoch <= checkpoint["epoch"]:
+        raise UsageError(f"--resume: this run has completed {checkpoint['epoch']} epochs already, so "
+                         f"--stop-after-epoch {args.stop_after_epoch} is past; give a later epoch, or drop it.")
     return settings, checkpoint.get("class_names")
 
 

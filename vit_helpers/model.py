@@ -192,6 +192,9 @@ class PatchEmbedding(nn.Module):
         if images.ndim != 4:
             raise ValueError(f"expected a batch of images (batch, channels, height, width), got shape "
                              f"{tuple(images.shape)}; add a batch dimension with images.unsqueeze(0).")
+        if not images.is_floating_point():
+            raise ValueError(f"expected floating-point images, got {images.dtype}; convert them, e.g. uint8 pixels "
+                             f"with images.float() / 255 (then normalise as in training).")
         _, channels, height, width = images.shape
         if channels != self.in_channels:
             raise ValueError(f"expected images with {self.in_channels} channels, got {channels} "
