@@ -508,3 +508,13 @@ def test_unknown_torchvision_weights_and_archs_are_explained():
         load_torchvision_pretrained("IMAGENET22K", arch="vit_b_16")
     with pytest.raises(ValueError, match="vit_b_16"):
         load_torchvision_pretrained(arch="vit_q_8")
+
+
+def test_exported_official_arrays_do_not_change_when_the_model_trains_on():
+    model = ViT(SMALL)
+    arrays = to_official_arrays(model.state_dict(), num_heads=SMALL.num_heads)
+    before = {name: array.copy() for name, array in arrays.items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    assert all(np.array_equal(arrays[name], before[name]) for name in arrays)

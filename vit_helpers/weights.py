@@ -642,7 +642,8 @@ def to_official_arrays(state_dict: Mapping, num_heads: int) -> dict[str, np.ndar
     head_dim = embed_dim // num_heads
 
     def array(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+        # A copy: .numpy() of a float32 CPU parameter shares its memory, and training on would change the arrays.
+        return tensor.detach().to("cpu", torch.float32).numpy().copy()
 
     arrays = {"embedding/kernel": array(state_dict["patch_embed.proj.weight"].permute(2, 3, 1, 0)),  # OIHW->HWIO
               "embedding/bias": array(state_dict["patch_embed.proj.bias"]),
