@@ -180,6 +180,35 @@ def test_cached_strong_geometric_ops_equal_torchvisions_affine_at_randaugments_m
                                                      align_corners=False)
             torch.testing.assert_close(actual, TF.affine(images, **arguments), rtol=0, atol=1e-4,
                                        msg=f"{name} {sign:+}")
+            # What DeviceAugment runs: "border" sampling times the in-bounds weight, exactly zero padding.
+            whole_image = torch.eye(3).repeat(2, 1, 1)
+            torch.testing.assert_close(gpu_data.warp(images, whole_image, (matrices,)), actual, rtol=0, atol=1e-5,
+                                       msg=f"warp {name} {sign:+}")
+
+
+def test_device_crops_are_torchvisions_random_resized_crops():
+    """Area and ratio redrawn until the crop fits (at most 10 times, then the whole square), never shrunk to fit:
+    the area stays within crop_scale and its distribution is torchvision's."""
+    from torchvision.transforms import RandomResizedCrop
+
+    generator = torch.Generator().manual_seed(0)
+    for scale in [(0.35, 1.0), (0.9, 1.0), (1.0, 1.0)]:
+        matrices = gpu_data.crop_flip_matrices(20000, generator, scale)
+        width, height = matrices[:, 0, 0].abs(), matrices[:, 1, 1]
+        area, ratio = width * height, width / height
+        assert area.min() >= scale[0] - 1e-6 and area.max() <= 1 + 1e-6, scale
+        assert ratio.min() >= 3 / 4 - 1e-6 and ratio.max() <= 4 / 3 + 1e-6, scale
+        assert (matrices[:, 0, 2].abs() + width <= 1 + 1e-6).all()  # inside the image
+        assert (matrices[:, 1, 2].abs() + height <= 1 + 1e-6).all()
+    assert torch.equal(area, torch.ones_like(area))  # crop_scale (1, 1): always the whole image, as in torchvision
+    square = torch.zeros(3, 224, 224)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        reference = torch.tensor([h * w / 224 ** 2 for _, _, h, w in (RandomResizedCrop.get_params(
+            square, list(data.RANDOM_CROP_SCALE), [3 / 4, 4 / 3]) for _ in range(5000))])
+    matrices = gpu_data.crop_flip_matrices(20000, generator)
+    ours = matrices[:, 0, 0].abs() * matrices[:, 1, 1]
+    assert abs(ours.mean() - reference.mean()) < 0.015  # ~0.62 both; clamping to fit gave 0.67
 
 
 def test_every_image_mode_becomes_rgb_and_transparency_becomes_white(tmp_path):
@@ -191,6 +220,32 @@ def test_every_image_mode_becomes_rgb_and_transparency_becomes_white(tmp_path):
     assert data.to_rgb(clear).getpixel((0, 0)) == (255, 255, 255)
     sixteen_bit = Image.new("I;16", (4, 4), 30000)  # PIL's own convert("RGB") would give white
     assert data.to_rgb(sixteen_bit).getpixel((0, 0)) == (117, 117, 117)
+
+
+def test_sixteen_bit_images_keep_their_brightness_and_a_transparent_colour_becomes_white(tmp_path):
+    # I;16 spans 0-65535 whatever the brightest pixel: a dark image stays dark (it was scaled by its own maximum).
+    for value, grey in ((1, 0), (200, 1), (30000, 117), (65535, 255)):
+        assert data.to_rgb(Image.new("I;16", (4, 4), value)).getpixel((0, 0)) == (grey,) * 3, value
+    Image.new("I;16", (4, 4), 200).save(tmp_path / "dark16.png")
+    assert data.load_rgb(tmp_path / "dark16.png").getpixel((0, 0)) == (1, 1, 1)
+    # PNG's tRNS chunk: one colour of an L or RGB image is transparent.
+    for mode, key in (("RGB", (10, 20, 30)), ("L", 7)):
+        image = Image.new(mode, (4, 4), key)
+        image.paste(Image.new(mode, (2, 4), 90 if mode == "L" else (90, 90, 90)))
+        image.save(tmp_path / f"{mode}.png", transparency=key)
+        loaded = data.load_rgb(tmp_path / f"{mode}.png")
+        assert loaded.getpixel((3, 0)) == (255, 255, 255) and loaded.getpixel((0, 0)) == (90, 90, 90), mode
+
+
+def test_a_phone_photo_stored_sideways_loads_upright(tmp_path):
+    photo = Image.new("RGB", (40, 30), (200, 0, 0))
+    photo.paste((0, 0, 200), (0, 0, 10, 30))  # blue on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: show it turned 90 degrees clockwise
+    photo.save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    upright = data.load_rgb(tmp_path / "phone.jpg")
+    assert upright.size == (30, 40) and data.check_image(tmp_path / "phone.jpg") is None
+    assert upright.getpixel((15, 3))[2] > 150 and upright.getpixel((15, 36))[0] > 150  # the left side is now on top
 
 
 def test_truncated_and_unreadable_files_are_skipped_with_a_warning_that_names_them(tmp_path, monkeypatch):
@@ -205,6 +260,54 @@ def test_truncated_and_unreadable_files_are_skipped_with_a_warning_that_names_th
     monkeypatch.setattr(data, "check_image", lambda path: pytest.fail(f"{path} was opened again"))
     with pytest.warns(UserWarning, match=r"broken\.jpg"):
         assert len(data.VerifiedImageFolder(root)) == 9
+
+
+def test_a_train_folder_without_test_is_an_error_not_two_classes_named_train_and_val(tmp_path):
+    root = tmp_path / "data"
+    make_tree(root / "train", per_class=4)
+    make_tree(root / "val", per_class=2)
+    for make in (make_dataloaders, make_cached_loaders):
+        with pytest.raises(DatasetError, match=r"no test/ beside it.*\['train', 'val'\]"):
+            make(root, image_size=8, batch_size=2)
+    # A class that happens to be called "train" (images directly inside) is fine.
+    vehicles = make_tree(tmp_path / "vehicles", classes=("bus", "train"), per_class=4)
+    assert make_dataloaders(vehicles, image_size=8, batch_size=2, num_workers=0)[2] == ["bus", "train"]
+
+
+def test_the_split_does_not_depend_on_the_order_the_file_system_lists_files(tmp_path, monkeypatch):
+    import os
+
+    root = make_tree(tmp_path / "tree")
+    expected = [loader.dataset.samples for loader in make_dataloaders(root, image_size=8, batch_size=4,
+                                                                        num_workers=0)[:2]]
+    walk, scandir = os.walk, os.scandir
+
+    class ReversedScandir:  # os.scandir's iterator, listing backwards
+        def __init__(self, *args):
+            with scandir(*args) as entries:
+                self.entries = iter(list(entries)[::-1])
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self.entries)
+
+        def close(self):
+            return None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(os, "walk", lambda *a, **k: [(top, dirs[::-1], files[::-1])
+                                                     for top, dirs, files in list(walk(*a, **k))[::-1]])
+    monkeypatch.setattr(os, "scandir", ReversedScandir)
+    shuffled = [loader.dataset.samples for loader in make_dataloaders(root, image_size=8, batch_size=4,
+                                                                        num_workers=0)[:2]]
+    assert shuffled == expected
 
 
 def test_empty_folders_and_empty_classes_are_clear_errors(tmp_path):
@@ -243,6 +346,21 @@ def test_the_cache_is_written_once_and_reused_until_a_file_changes(tmp_path, mon
     write_image(root / "train" / "ant" / "new.png", seed=7)
     train, _, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu")
     assert train.dataset_size == 19 and cache.stat().st_mtime_ns != stamp
+
+
+def test_the_cache_is_rebuilt_for_a_new_format_and_kept_apart_per_image_size(tmp_path, monkeypatch):
+    root = make_split_tree(tmp_path / "data")
+    make_cached_loaders(root, image_size=8, batch_size=4, device="cpu")
+    decoded = []
+    decode = gpu_data.decode_images
+    monkeypatch.setattr(gpu_data, "decode_images", lambda paths, size: decoded.append(size) or decode(paths, size))
+    make_cached_loaders(root, image_size=6, batch_size=4, device="cpu")
+    assert decoded == [6, 6] and (root / ".cache" / "vit_cache_train_8.pt").is_file()
+    make_cached_loaders(root, image_size=8, batch_size=4, device="cpu")
+    assert decoded == [6, 6]  # the 8-pixel cache is still there and valid
+    monkeypatch.setattr(gpu_data, "CACHE_FORMAT", gpu_data.CACHE_FORMAT + 1)
+    make_cached_loaders(root, image_size=8, batch_size=4, device="cpu")
+    assert decoded == [6, 6, 8, 8]
 
 
 def test_cached_batches_have_the_right_shapes_and_match_the_plain_loader(tmp_path):
@@ -328,6 +446,39 @@ def test_spread_examples_takes_every_nth_sample_of_an_unshuffled_loader():
     indices, chosen, chosen_labels = data.spread_examples(loader, 10)
     assert indices.tolist() == list(range(0, 100, 10))
     assert torch.equal(chosen.flatten(), images.flatten()[indices]) and chosen_labels.tolist() == list(range(10))
+
+
+def test_strong_device_ops_fill_black_outside_their_crop_and_nothing_else_turns_black():
+    """torchvision rotates, shears and shifts the cropped image, each op filling black what comes from outside the
+    image it was given. On a uniform grey image: the geometric ops leave black pixels (even two that cancel, such
+    as a shift and its reverse), and the colour ops leave it uniform."""
+    count, scale = 1024, (0.3, 0.5)
+    grey = torch.full((count, 3, 32, 32), 153, dtype=torch.uint8)  # 0.6: under solarize's threshold
+    augment = gpu_data.DeviceAugment("strong", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), scale=scale)
+    out = augment(grey, torch.Generator().manual_seed(0))
+    replay = torch.Generator().manual_seed(0)  # DeviceAugment's draws: crops, then ops
+    gpu_data.crop_flip_matrices(count, replay, scale)
+    ops = torch.randint(len(gpu_data.RANDAUGMENT_OPS), (2, count), generator=replay)
+    geometric = torch.isin(ops, torch.tensor([gpu_data.RANDAUGMENT_OPS.index(name) for name in (
+        "shear_x", "shear_y", "translate_x", "translate_y", "rotate")]))  # (2, count)
+    only_geometric = (geometric | (ops == gpu_data.RANDAUGMENT_OPS.index("identity"))).all(0) & geometric.any(0)
+    colour_only = ~geometric.any(0)
+    assert only_geometric.sum() > 100 and colour_only.sum() > 200
+    assert (out[only_geometric] == 0).flatten(1).any(1).all()  # a crop of grey is grey: the black is the fill
+    flat = out[colour_only].flatten(1)
+    assert (flat.amax(1) - flat.amin(1)).max() < 1e-5 and flat.min() > 0.2  # no black blended in at crop borders
+
+
+def test_device_autocontrast_leaves_a_flat_channel_alone():
+    """torchvision's autocontrast leaves a uint8 channel with one value as it is; interpolation's rounding noise
+    (1e-7) on such a channel must not be stretched into black and white."""
+    from torchvision.transforms.v2 import functional as TF
+
+    noise = 1e-7 * torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    flat = torch.full((2, 3, 8, 8), 153 / 255) + noise
+    ops = torch.full((2,), gpu_data.RANDAUGMENT_OPS.index("autocontrast"))
+    reference = TF.autocontrast(torch.full((2, 3, 8, 8), 153, dtype=torch.uint8)).float() / 255
+    torch.testing.assert_close(gpu_data.colour_ops(flat, ops, torch.ones(2)), reference, rtol=0, atol=1e-5)
 
 
 def test_basic_device_crops_never_blend_in_black_at_the_border():

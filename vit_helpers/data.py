@@ -57,21 +57,28 @@ RANDOM_CROP_SCALE = (0.35, 1.0)
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image as 3-channel RGB. Transparent pixels become white, as a browser would show them."""
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    # P, L and RGB PNGs may name one transparent colour (a tRNS chunk) instead of carrying an alpha channel.
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info)
     if has_alpha:
         # Dropping alpha would expose whatever colour is stored under transparent pixels (often black).
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         # 16-bit or float pixels: convert("RGB") would clip everything above 255 to white; scale them instead.
+        # I;16 is 0-65535 by definition, whatever this image's brightest pixel; I and F name no range, so the
+        # brightest pixel decides: above 255, 16-bit; at most 1, a 0-1 image; else already 0-255.
+        sixteen_bit = image.mode.startswith("I;16")
         image = image.convert("F")
-        scale = 255 / 65535 if image.getextrema()[1] > 255 else 255 if image.getextrema()[1] <= 1 else 1
+        high = image.getextrema()[1]
+        scale = 255 / 65535 if sixteen_bit or high > 255 else 255 if high <= 1 else 1
         image = image.point(lambda value: value * scale + 0.5).convert("L")  # + 0.5: round, not truncate
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ... all have a defined conversion
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, upright (photos often store their rotation in EXIF)."""
+    """Open an image file as RGB, upright: a phone photo stored sideways with an EXIF orientation tag is turned
+    the way its viewer shows it (torchvision's own loader ignores the tag, and PIL leaves it to the caller)."""
     with Image.open(path) as image:
         return to_rgb(ImageOps.exif_transpose(image))
 
@@ -131,6 +138,11 @@ def _write_json_quietly(path: Path, data: dict) -> None:
         json.dump(data, file)
 
 
+def _has_subfolders(folder: Path) -> bool:
+    with os.scandir(folder) as entries:
+        return any(entry.is_dir() and not entry.name.startswith(".") for entry in entries)
+
+
 class VerifiedImageFolder(ImageFolder):
     """torchvision's ImageFolder that opens every file once when built and leaves out the unreadable ones.
 
@@ -150,6 +162,12 @@ class VerifiedImageFolder(ImageFolder):
         if not classes:
             raise DatasetError(f"{directory} holds no class folders: put the images in {directory}/<class>/<image> "
                                f"(one folder per class).")
+        if "train" in classes and "test" not in classes and _has_subfolders(Path(directory) / "train"):
+            # train/<class>/ beside val/<class>/: read as one tree, the classes would be "train" and "val".
+            raise DatasetError(f"{directory} has class folders inside train/ but no test/ beside it, so its "
+                               f"classes would be the split names {classes}. Rename the held-out split (val/, "
+                               f"valid/, ...) to test/, or give the folder with the class folders themselves for "
+                               f"a seeded split.")
         return classes, {name: index for index, name in enumerate(classes)}
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):

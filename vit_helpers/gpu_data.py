@@ -15,9 +15,15 @@ each epoch then only gathers rows, and the augmentation runs on the device in ba
 
 The stored images are the test transform's resize and centre crop, so test batches equal `make_dataloaders`'s.
 Training crops are taken from that square, where the plain loader crops the full image: the sides of a wide photo
-that the centre crop cut off are never seen here. Two more differences from torchvision's RandAugment, small for
-training: the colour ops run after all geometric ones whatever order they were drawn in, and they act on
-interpolated values rather than on uint8 pixels.
+that the centre crop cut off are never seen here. The crops are otherwise torchvision's RandomResizedCrop (area and
+aspect ratio drawn up to 10 times until the crop fits, else the whole square), though not rounded to whole pixels.
+The differences from torchvision's RandAugment, small for training:
+- Equalize is left out (13 ops, not 14): a per-image histogram has no cheap batched form;
+- the colour ops run after all geometric ones whatever order they were drawn in, and act on interpolated values
+  rather than on uint8 pixels;
+- crop, flip and geometric ops are one bilinear resampling of the stored square (torchvision resamples twice, the
+  ops with nearest-neighbour); shifts are not rounded to whole pixels; shears turn about the centre, not the
+  top-left corner. As in torchvision, what the ops bring in from outside the crop is black.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ from vit_helpers.files import atomic_write
 from vit_helpers.training import distributed_info
 
 #: Bumped whenever the stored pixels would change (decoder, resize), so old caches are rebuilt.
-CACHE_FORMAT = 1
+#: 2: 16-bit images scaled from their full range, single-colour (tRNS) transparency composited on white.
+CACHE_FORMAT = 2
 
 # --------------------------------------------------------------------------------------------------------------
 # The decoded-image cache
@@ -126,19 +133,29 @@ def _build_caches(root: Path, image_size: int, cache_dir: Path) -> dict[str, dic
 
 # RandAugment's operations (Cubuk et al. 2020) at torchvision's magnitude 9 of 31 bins, i.e. 30% of each range.
 # Equalize is left out: a per-image histogram has no cheap batched form. Every other op equals torchvision's at
-# that magnitude (tests/test_data.py), except that shears turn about the centre rather than the top-left corner.
+# that magnitude with bilinear interpolation (tests/test_data.py), except that shears turn about the centre rather
+# than the top-left corner.
 RANDAUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
                    "contrast", "sharpness", "posterize", "solarize", "autocontrast")
 _OP = {name: index for index, name in enumerate(RANDAUGMENT_OPS)}
 MAGNITUDE = 9 / 30
 
 
-def crop_flip_matrices(batch: int, generator: torch.Generator, scale=RANDOM_CROP_SCALE) -> torch.Tensor:
-    """(batch, 3, 3) affine maps from output to input coordinates ([-1, 1], as affine_grid uses): each a random
-    crop of `scale` of the area and aspect ratio in [3/4, 4/3] (RandomResizedCrop), mirrored half of the time."""
-    area = torch.empty(batch).uniform_(*scale, generator=generator)
-    ratio = torch.empty(batch).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator).exp()
-    width, height = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # fractions of a side
+def crop_flip_matrices(batch: int, generator: torch.Generator, scale=RANDOM_CROP_SCALE, tries: int = 10,
+                       ) -> torch.Tensor:
+    """(batch, 3, 3) affine maps from output to input coordinates ([-1, 1], as affine_grid uses) of a square
+    image: each a random crop of `scale` of the area and aspect ratio in [3/4, 4/3] (RandomResizedCrop), mirrored
+    half of the time. Like torchvision, a crop that does not fit is drawn again, and after `tries` draws the whole
+    image is taken (the centre crop of a square, as the ratios include 1); shrinking it to fit instead would give
+    crops outside `scale` and more large crops than torchvision draws."""
+    area = torch.empty(tries, batch).uniform_(*scale, generator=generator)
+    ratio = torch.empty(tries, batch).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator).exp()
+    width, height = (area * ratio).sqrt(), (area / ratio).sqrt()  # fractions of a side, (tries, batch)
+    fits = (width <= 1) & (height <= 1)
+    first = fits.int().argmax(0, keepdim=True)  # the first draw that fits (index 0 where none does)
+    found = fits.any(0)
+    width = torch.where(found, width.gather(0, first)[0], 1.0)
+    height = torch.where(found, height.gather(0, first)[0], 1.0)
     centre_x = width / 2 + torch.rand(batch, generator=generator) * (1 - width)
     centre_y = height / 2 + torch.rand(batch, generator=generator) * (1 - height)
     flip = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
@@ -188,7 +205,36 @@ def colour_ops(images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor) -> 
     out = torch.where(chosen("solarize") & (images >= 1 - MAGNITUDE), 1 - images, out)
     low, high = images.amin(dim=(2, 3), keepdim=True), images.amax(dim=(2, 3), keepdim=True)
     stretched = (images - low) / (high - low).clamp(min=1 / 255)
-    return torch.where(chosen("autocontrast") & (high > low), stretched, out)
+    # A channel flat to within half a uint8 step stays as it is, as a flat uint8 channel does in torchvision;
+    # "high > low" would stretch the rounding noise of interpolation (1e-7) into black and white.
+    return torch.where(chosen("autocontrast") & (high - low >= 0.5 / 255), stretched, out)
+
+
+def warp(images: torch.Tensor, crops: torch.Tensor, ops: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """images (B, C, H, W) resampled (bilinear) through `crops` (B, 3, 3, from `crop_flip_matrices`) and then the
+    RandAugment ops `ops` ((B, 3, 3) each, from `geometric_op_matrices`, in the order applied), in one
+    `F.grid_sample`.
+
+    The ops see only their crop, as in torchvision: what each brings in from outside the image it was given is
+    black, fading over one pixel as torchvision's bilinear sampling with zero padding does (sampling with "border"
+    and multiplying by that in-bounds weight is exactly zero padding). So a shift to the right and one back still
+    leave a black strip. Sampling the whole image with zero padding would instead show the image beyond the crop
+    and blend black into every crop that reaches the border.
+    """
+    height, width = images.shape[-2:]
+    chain, inside = None, 1.0
+    for op in reversed(ops):
+        chain = op if chain is None else op @ chain  # output pixels -> the image this op was given
+        frame = F.affine_grid(chain[:, :2], list(images.shape), align_corners=False)  # (B, H, W, 2), [-1, 1] inside
+        inside_x = ((1 - frame[..., 0].abs()) * (width / 2) + 0.5).clamp(0, 1)  # 1 inside, 0 half a pixel out
+        inside_y = ((1 - frame[..., 1].abs()) * (height / 2) + 0.5).clamp(0, 1)
+        inside = inside * (inside_x * inside_y).unsqueeze(1)
+    matrices = crops if chain is None else crops @ chain
+    grid = F.affine_grid(matrices[:, :2], list(images.shape), align_corners=False)  # (B, H, W, 2)
+    # "border": a crop's outer samples can fall in the last half pixel before the image's edge, where "zeros"
+    # would blend in black; "border" repeats the edge instead, as a crop of the image itself would.
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out if chain is None else out * inside
 
 
 def send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -217,17 +263,12 @@ class DeviceAugment:
         x = images.float().div_(255)
         if self.policy != "none":
             batch = len(x)
-            matrices = crop_flip_matrices(batch, generator, self.scale)
+            crops, geometric = crop_flip_matrices(batch, generator, self.scale), ()
             if self.policy == "strong":
                 ops = torch.randint(len(RANDAUGMENT_OPS), (2, batch), generator=generator)
                 signs = torch.where(torch.rand(2, batch, generator=generator) < 0.5, -1.0, 1.0)
-                matrices = matrices @ geometric_op_matrices(ops[0], signs[0]) @ geometric_op_matrices(ops[1], signs[1])
-            grid = F.affine_grid(send(matrices[:, :2], device), list(x.shape), align_corners=False)  # (B, S, S, 2)
-            # A crop's outer samples can fall in the last half pixel before the border, where "zeros" would blend
-            # in black; "border" repeats the edge instead, as a crop of the image itself would. RandAugment's
-            # rotations, shears and shifts uncover areas that torchvision fills with black: "zeros" there.
-            padding = "zeros" if self.policy == "strong" else "border"
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
+                geometric = send(torch.stack([geometric_op_matrices(ops[i], signs[i]) for i in range(2)]), device)
+            x = warp(x, send(crops, device), tuple(geometric))
             if self.policy == "strong":
                 ops, signs = send(ops, device), send(signs, device)
                 x = colour_ops(colour_ops(x, ops[0], signs[0]), ops[1], signs[1])
