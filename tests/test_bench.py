@@ -240,3 +240,22 @@ def test_ours_is_measured_first_unless_the_order_names_it(monkeypatch):
         measured.clear()
         bench.run_bench("ViT-Ti/16", 2, compare=bench.parse_names(text), modes=["train"], device="cpu")
         assert measured == order, text
+
+
+def test_an_error_is_raised_or_with_keep_going_noted_while_the_others_are_measured(monkeypatch):
+    build = bench.build_model
+
+    def build_model(implementation, config):
+        if implementation == "torchvision":
+            raise TypeError("an argument this torchvision does not take")
+        return build(implementation, config)
+
+    monkeypatch.setattr(bench, "build_model", build_model)
+    settings = dict(compare=["torchvision", "ours-all-tokens"], steps=1, warmup_steps=0, modes=["inference"],
+                    device="cpu")
+    with pytest.raises(TypeError):  # by default a bug shows itself
+        bench.run_bench("ViT-Ti/16", 2, image_size=32, **settings)
+    results, _ = bench.run_bench("ViT-Ti/16", 2, image_size=32, keep_going=True, **settings)
+    by_name = {r.implementation: r for r in results}
+    assert by_name["torchvision"].note.startswith("failed: TypeError") and by_name["torchvision"].ms_per_step is None
+    assert by_name["ours"].ms_per_step > 0 and by_name["ours-all-tokens"].ms_per_step > 0

@@ -176,3 +176,32 @@ def test_cifar_check_does_not_shorten_a_schedule_past_its_warm_up(gpu_checks, ar
     saved = json.loads(results_path.read_text())
     assert saved["cifar"]["epochs_done"] == 2 and saved["cifar"]["epochs_that_fit"] == 4
     assert "epochs that fit" in saved["summary"][1][1]
+
+
+def test_an_implementation_that_fails_is_noted_and_the_others_are_still_measured_and_saved(gpu_checks, tmp_path,
+                                                                                          monkeypatch):
+    # As with a compiler error on the device, or a timm that lacks an argument the benchmark passes: the run must
+    # go on to the next implementation and check, and keep what it measured.
+    build = gpu_checks.bench.build_model
+
+    def build_model(implementation, config):
+        if implementation == "timm":
+            raise TypeError("VisionTransformer.__init__() got an unexpected keyword argument 'class_token'")
+        return build(implementation, config)
+
+    monkeypatch.setattr(gpu_checks.bench, "build_model", build_model)
+    saves = []
+    save_results = gpu_checks.save_results
+    monkeypatch.setattr(gpu_checks, "save_results", lambda path, results: saves.append(set(results)) or
+                        save_results(path, results))
+    results_path = tmp_path / "results.json"
+    assert gpu_checks.main(["--smoke", "--device", "cpu", "--checks", "models", "--modes", "train",
+                            "--implementations", "ours,timm", "--json", str(results_path)]) == 0
+    saved = json.loads(results_path.read_text())
+    by_name = {r["implementation"]: r for r in saved["models"]["results"]}
+    assert by_name["ours"]["images_per_second"] > 0
+    assert by_name["timm"]["images_per_second"] is None and "class_token" in by_name["timm"]["note"]
+    rows = {row[1]: row for row in saved["summary"]}
+    assert rows["ViT-Ti/16 train timm eager"][4] == "FAIL"
+    assert rows["ours / timm, train eager"][2] == "not measured"
+    assert len(saves) >= 2 and "models" in saves[0]  # saved within the check, before its end

@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,6 +61,7 @@ class Timing:
     compile: bool = False
     compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead" (CUDA graphs)
     profile_rows: int = 0  # > 0: then profile PROFILED_STEPS more steps and keep this many operators
+    keep_going: bool = False  # an error (not only running out of memory) becomes the row's note; the others run
 
 
 PROFILED_STEPS = 3
@@ -213,6 +215,12 @@ def _caused_by_out_of_memory(error: BaseException | None) -> bool:
     return False
 
 
+def _failed(result: BenchResult, error: Exception) -> BenchResult:
+    traceback.print_exc()  # the whole story in the log; the table gets one line
+    result.note = f"failed: {type(error).__name__}: {error}"[:160]
+    return result
+
+
 def bench_one(implementation: str, mode: str, config: ViTConfig, batch_size: int, device: torch.device,
               timing: Timing, ceiling: float) -> BenchResult:
     result = BenchResult(implementation, mode, batch_size, timing.compile)
@@ -221,6 +229,10 @@ def bench_one(implementation: str, mode: str, config: ViTConfig, batch_size: int
     except ImportError as error:
         result.note = f"not installed ({error.name})"
         return result
+    except Exception as error:  # e.g. an installed timm without an argument passed here
+        if not timing.keep_going:
+            raise
+        return _failed(result, error)
     step = None
     try:
         model.to(device)
@@ -229,10 +241,12 @@ def bench_one(implementation: str, mode: str, config: ViTConfig, batch_size: int
         if timing.profile_rows > 0:
             result.profile = profile_table(step, device, timing.profile_rows)
     except Exception as error:
-        if not _caused_by_out_of_memory(error):
+        if _caused_by_out_of_memory(error):
+            result.note = "out of memory: lower --batch-size"
+            return result
+        if not timing.keep_going:
             raise
-        result.note = "out of memory: lower --batch-size"
-        return result
+        return _failed(result, error)
     finally:
         del model, step  # step holds the model, its optimizer state and the compiled graphs, also after an error
         if timing.compile:
@@ -254,7 +268,7 @@ def run_bench(model: str = "ViT-B/16", batch_size: int = 256, *, image_size: int
               patch_size: int | None = None, num_classes: int = 1000, compare=(), steps: int = 20,
               warmup_steps: int = 5, modes=MODES, device: str = "auto",
               compile: bool = False, compile_mode: str | None = None,
-              profile_rows: int = 0) -> tuple[list[BenchResult], dict]:
+              profile_rows: int = 0, keep_going: bool = False) -> tuple[list[BenchResult], dict]:
     """Measure ours (and `compare`) in every mode. Returns (results, context: model, device, ceiling, ...).
 
     Ours is measured first unless `compare` names it elsewhere: e.g. ("timm", "ours") measures timm first, to see
@@ -273,7 +287,7 @@ def run_bench(model: str = "ViT-B/16", batch_size: int = 256, *, image_size: int
         torch.set_float32_matmul_precision("high")
     ceiling = measure_matmul_ceiling(device)
     size, dtype = ceiling_matmul(device)
-    timing = Timing(steps, warmup_steps, compile, compile_mode, profile_rows)
+    timing = Timing(steps, warmup_steps, compile, compile_mode, profile_rows, keep_going)
     results = [bench_one(implementation, mode, config, batch_size, device, timing, ceiling)
                for implementation in (compare if "ours" in compare else ("ours", *compare)) for mode in modes]
     context = {"model": model, "config": dataclasses.asdict(config), "device": device_name(device),
