@@ -603,7 +603,8 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
     """Train `model` for `epochs` (or `config.epochs`), evaluating after each epoch. Returns the history: one
     dict per epoch with train/test loss and accuracy, learning rate, images/s and seconds.
 
-    - `checkpoint_path`: written atomically (by rank 0) every `config.checkpoint_every` epochs and at the end.
+    - `checkpoint_path`: written atomically (by rank 0, the other processes waiting for it) every
+      `config.checkpoint_every` epochs and at the end.
     - `resume=True`: continue from `checkpoint_path`; from an end-of-epoch checkpoint the result is identical
       to an uninterrupted run. With other `epochs` it continues on the longer or shorter schedule; resumed
       within the warm-up, a shorter one gives exactly the run it gives from the start.
@@ -624,6 +625,8 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
     model = unwrap_model(model).to(device)
     optimizer = build_optimizer(model, config, device)
     steps_per_epoch = len(train_loader)
+    if world_size > 1:
+        _check_same_steps_everywhere(steps_per_epoch)
     total_steps = config.epochs * steps_per_epoch
     lr_factor = warmup_cosine(count_warmup_steps(config, steps_per_epoch, total_steps), total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
@@ -638,7 +641,7 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
     mixer = batch_mixer(config, len(class_names) if class_names is not None
                         else getattr(getattr(model, "config", None), "num_classes", None))
     eval_loader, eval_distributed = evaluation_loader(test_loader, rank, world_size)
-    save = _saver(rank, checkpoint_path, optimizer, scheduler, config, class_names, metadata)
+    save = _saver(rank, world_size, checkpoint_path, optimizer, scheduler, config, class_names, metadata)
     started = time.perf_counter()
     with GracefulStop(enabled=world_size == 1) as stop:
         for epoch in range(start_epoch, config.epochs):
@@ -695,13 +698,31 @@ def _wrap_for_training(model, device, config, world_size):
             torch.compile(model, mode=config.compile_mode, dynamic=False))
 
 
-def _saver(rank, checkpoint_path, optimizer, scheduler, config, class_names, metadata):
+def _saver(rank, world_size, checkpoint_path, optimizer, scheduler, config, class_names, metadata):
     def save(model, epoch, history, tally=None):
         if rank == 0 and checkpoint_path is not None:
             save_checkpoint(_checkpoint_state(model, optimizer, scheduler, config, epoch, history, class_names,
                                               metadata, tally), checkpoint_path)
+        if world_size > 1 and checkpoint_path is not None:
+            # The others wait for rank 0's file: a process that left fit early and resumed at once (a probe, then
+            # resume=True) would otherwise read the previous checkpoint, or none, and go out of step.
+            dist.barrier()
 
     return save
+
+
+def _check_same_steps_everywhere(steps_per_epoch: int) -> None:
+    """Under DDP every process must take the same number of steps: one that has more waits forever for the
+    others in its gradient all-reduce. Raise instead, on every process."""
+    steps = torch.tensor([steps_per_epoch, -steps_per_epoch],
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    most, fewest = int(steps[0]), -int(steps[1])
+    if most != fewest:
+        raise ValueError(f"the training loader gives {steps_per_epoch} batches per epoch on this process, but "
+                         f"between {fewest} and {most} across processes; under DDP every process must take the same "
+                         f"number of steps. Use a DistributedSampler (it gives every process as many samples), as "
+                         f"data.make_dataloaders does.")
 
 
 def _epoch_record(epoch, tally, test, scheduler, world_size, epoch_started) -> dict[str, float]:
