@@ -570,3 +570,10 @@ def test_under_ddp_a_different_number_of_steps_per_process_is_an_error_not_a_han
     mp.spawn(_uneven_steps_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         assert "DistributedSampler" in (tmp_path / f"error_rank{rank}.txt").read_text()
+
+
+def test_one_named_gpu_for_every_process_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match="every process on one GPU.*LOCAL_RANK"):
+        init_distributed("cuda:0")

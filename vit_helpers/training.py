@@ -119,6 +119,10 @@ def init_distributed(device: str = "auto") -> torch.device:
     torchrun it only resolves the device. Call it before building the data loaders: their DistributedSampler
     reads the world size from the process group.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (device or "").strip().lower().startswith("cuda:"):
+        # Every process would take that one GPU, and NCCL would fail at the first all-reduce.
+        raise ValueError(f"device {device!r} under torchrun would put every process on one GPU: give cuda or auto, "
+                         f"and each process takes GPU LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES).")
     resolved = resolve_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if resolved.type == "cuda":
