@@ -619,7 +619,7 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
       KeyboardInterrupt is raised. Resuming it re-reads the interrupted epoch's first batches without training
       on them, so data order and augmentations continue as in an uninterrupted run; only randomness drawn by
       the steps themselves (dropout, MixUp/CutMix) differs. (Augmentations drawn in the main process, with
-      num_workers=0, share the global generator with those steps, so after the skipped steps they differ too;
+      num_workers=0, share the global generator with those steps, so where the steps draw, they differ too;
       worker processes and the cached loaders draw from generators of their own.) Under torchrun Ctrl-C stops
       the processes; the last end-of-epoch checkpoint stays.
     - A NaN or infinite loss or gradient norm raises NonFiniteLossError and leaves the last checkpoint as it was.
