@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import math
 import os
@@ -150,6 +151,9 @@ def cleanup_distributed(wait: bool = True) -> None:
     if dist.is_available() and dist.is_initialized():
         if wait:
             dist.barrier()
+        # A DistributedDataParallel wrapper left in a reference cycle holds the process group; collected only at
+        # exit, it can take the group's threads down while the interpreter is finalising (gloo then aborts).
+        gc.collect()
         dist.destroy_process_group()
 
 
