@@ -37,3 +37,23 @@ def test_read_json_gives_an_empty_record_for_a_missing_or_damaged_file(tmp_path)
     (tmp_path / "cut.json").write_text('{"size": ')  # a write cut short
     assert read_json(tmp_path / "good.json") == {"size": 3}
     assert read_json(tmp_path / "cut.json") == {} and read_json(tmp_path / "missing.json") == {}
+
+
+def test_the_process_umask_is_never_changed_even_for_a_moment(tmp_path, monkeypatch):
+    """os.umask(0) to read the mask would let another thread create world-writable files meanwhile."""
+    calls = []
+    monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or 0o022)
+    with atomic_write(tmp_path / "checkpoint.pt") as file:
+        file.write(b"weights")
+    assert calls == [] and (tmp_path / "checkpoint.pt").read_bytes() == b"weights"
+
+
+def test_the_file_and_the_rename_are_flushed_to_disk(tmp_path, monkeypatch):
+    """fsync of the file before the rename (no empty file after a power cut), and of the folder after it, so
+    the new name itself survives a power cut."""
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.path.isdir(f"/proc/self/fd/{fd}")) or fsync(fd))
+    with atomic_write(tmp_path / "metrics.json", "w") as file:
+        file.write("{}")
+    if os.name == "posix" and os.path.isdir("/proc/self/fd"):
+        assert synced == [False, True]
