@@ -2,14 +2,17 @@
 archives and leftovers, CIFAR-10, dataset names (also under torchrun) and the shipped sample. Local fixtures only,
 built in tmp_path. Reading images, transforms, splits and loaders: tests/test_data.py."""
 
+import errno
 import importlib.util
 import io
 import json
 import os
 import pickle
 import re
+import shutil
 import sys
 import time
+import tracemalloc
 import urllib.error
 import zipfile
 from collections import Counter
@@ -463,6 +466,40 @@ def test_a_failed_download_leaves_nothing_half_written(tmp_path, kaggle_server, 
     assert list(data_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_a_full_disk_or_ctrl_c_mid_download_leaves_nothing_and_a_retry_works(tmp_path, kaggle_server, monkeypatch,
+                                                                               failure):
+    class FailingFile:  # the archive as kaggle writes it: the first chunk goes half to disk, then the failure
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, chunk):
+            self.file.write(chunk[:100])
+            raise failure
+
+    kaggle_module = sys.modules["kaggle.api.kaggle_api_extended"]
+    monkeypatch.setattr(kaggle_module, "open", lambda file, mode="r", *args, **kwargs: FailingFile(
+        open(file, mode, *args, **kwargs)) if str(file).endswith(".zip") else open(file, mode, *args, **kwargs),
+        raising=False)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # kaggle retries 5 times, backing off up to a minute
+    data_dir = tmp_path / "data"
+    expected = (DatasetError, "the disk is full") if isinstance(failure, OSError) else (KeyboardInterrupt, None)
+    with pytest.raises(expected[0], match=expected[1]) as raised:
+        datasets.download_animals10(data_dir / "animals10", quiet=True)
+    assert "internet" not in str(raised.value)  # not an advice to check the connection
+    assert list(data_dir.iterdir()) == []
+    monkeypatch.delattr(kaggle_module, "open")
+    with pytest.warns(UserWarning, match="differs"):
+        datasets.download_animals10(data_dir / "animals10", quiet=True)
+    assert datasets.is_prepared(data_dir / "animals10")
+
+
 def test_find_animals10_says_why_and_never_raises(tmp_path, kaggle_server, monkeypatch):
     """What the notebooks use to choose Animals-10 or the shipped sample."""
     dest = tmp_path / "data" / "animals10"
@@ -551,6 +588,128 @@ def test_leftovers_of_killed_runs_are_swept_but_not_those_of_running_ones(tmp_pa
         prepare_animals10(kaggle_zip, tmp_path / "animals10", quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("extracted", kaggle_zip.name)) == sorted(
         kept + ["animals10"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Animals-10: hostile archives, awkward destinations, two processes at once
+# --------------------------------------------------------------------------------------------------------------
+
+def test_names_too_long_or_unusable_on_windows_are_refused_and_the_rest_is_prepared(tmp_path, kaggle_folder):
+    names = ["raw-img/cane/" + "a" * 252 + ".jpg",  # 256 bytes: more than a file name may have
+             "raw-img/cane/what?.jpg", 'raw-img/cane/say"hi".png', "raw-img/gatto/a|b.jpg", "raw-img/gatto/<b>.png",
+             "raw-img/gatto/star*.jpg", "raw-img/ragno/new\nline.jpg"]
+    archive = zip_folder(kaggle_folder, tmp_path / "odd.zip", extra={name: b"x" for name in names})
+    with pytest.warns(UserWarning) as caught:
+        dest = prepare_animals10(archive, tmp_path / "dest", quiet=True)
+    refused = " ".join(str(w.message) for w in caught if "refused" in str(w.message))
+    for name in names:
+        assert repr(name) in refused, name
+    assert datasets.count_images(dest) == expected_english_counts()
+
+
+def test_a_zip_bomb_is_streamed_to_disk_not_held_in_memory(tmp_path, kaggle_folder):
+    archive = zip_folder(kaggle_folder, tmp_path / "bomb.zip")
+    with zipfile.ZipFile(archive, "a", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("raw-img/cane/bomb.jpg", bytes(64 << 20))  # 64 MiB of zeros in 64 kB
+    tracemalloc.start()
+    try:
+        with pytest.warns(UserWarning, match="differs"):
+            dest = prepare_animals10(archive, tmp_path / "dest", quiet=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (dest / "dog" / "bomb.jpg").stat().st_size == 64 << 20
+    assert peak < 16 << 20
+
+
+def test_an_archive_larger_than_the_free_space_is_refused_before_writing(tmp_path, kaggle_zip, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10_000))
+    dest = tmp_path / "out" / "animals10"
+    with pytest.raises(DatasetError, match=r"needs .* but only .* free"):
+        prepare_animals10(kaggle_zip, dest, quiet=True)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_a_zip_that_python_cannot_read_is_a_clear_error(tmp_path, kaggle_folder):
+    archive = zip_folder(kaggle_folder, tmp_path / "deflate64.zip")
+    raw = bytearray(archive.read_bytes())
+    first = zipfile.ZipFile(archive).infolist()[0]
+    assert first.filename.startswith("raw-img/")
+    central = raw.find(b"PK\x01\x02")  # its central directory entry comes first too
+    for at in (first.header_offset + 8, central + 10):  # the compression method: 9 = Deflate64 (Windows' zip)
+        raw[at:at + 2] = (9).to_bytes(2, "little")
+    archive.write_bytes(bytes(raw))
+    dest = tmp_path / "out" / "animals10"
+    with pytest.raises(DatasetError, match="cannot read .* extract it .* pass the folder"):
+        prepare_animals10(archive, dest, quiet=True)
+    assert list(dest.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("what", ["a file", "a folder of yours"])
+def test_an_unusable_destination_is_a_clear_error_before_any_download(tmp_path, kaggle_zip, kaggle_server, what):
+    dest = tmp_path / "data" / "animals10"
+    mine = dest if what == "a file" else dest / "holiday.jpg"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("mine")
+    message = "is a file, not a folder" if what == "a file" else "not written by prepare_animals10"
+    with pytest.raises(DatasetError, match=message):
+        prepare_animals10(kaggle_zip, dest, quiet=True)
+    with pytest.raises(DatasetError, match=message):
+        datasets.download_animals10(dest, quiet=True)
+    assert kaggle_server.downloads() == 0 and mine.read_text() == "mine"
+    assert os.listdir(dest.parent) == ["animals10"]
+
+
+def test_force_never_deletes_a_source_inside_dest(tmp_path, kaggle_zip):
+    with pytest.warns(UserWarning, match="differs"):
+        dest = prepare_animals10(kaggle_zip, tmp_path / "animals10", quiet=True)
+    inside = dest / "animals10.zip"
+    shutil.copy(kaggle_zip, inside)
+    with pytest.raises(DatasetError, match="is inside"):
+        prepare_animals10(inside, dest, force=True, quiet=True)
+    assert inside.read_bytes() == kaggle_zip.read_bytes() and datasets.is_prepared(dest)
+
+
+def test_a_dest_that_links_to_a_folder_is_filled_where_it_points(tmp_path, kaggle_zip):
+    """data/animals10 -> a bigger disk: the images go there and the link stays."""
+    big_disk = tmp_path / "big_disk"
+    (big_disk / "animals10").mkdir(parents=True)
+    link = tmp_path / "data" / "animals10"
+    link.parent.mkdir()
+    link.symlink_to(big_disk / "animals10", target_is_directory=True)
+    with pytest.warns(UserWarning, match="differs"):
+        prepare_animals10(kaggle_zip, link, quiet=True)
+        prepare_animals10(kaggle_zip, link, force=True, quiet=True)
+    assert link.is_symlink() and datasets.is_prepared(big_disk / "animals10")
+    assert os.listdir(link.parent) == ["animals10"] and os.listdir(big_disk) == ["animals10"]
+
+
+@pytest.mark.parametrize("moment", ["while this one builds", "just before its rename"])
+def test_a_folder_another_process_prepared_meanwhile_is_kept(tmp_path, kaggle_zip, monkeypatch, moment):
+    """Two notebooks preparing at once: the one that finishes second must not delete the folder that the first may
+    already be training from, nor fail."""
+    dest = tmp_path / "animals10"
+    with pytest.warns(UserWarning, match="differs"):
+        theirs = prepare_animals10(kaggle_zip, tmp_path / "theirs", quiet=True)
+    (theirs / "in-use.txt").write_text("the other process reads this folder")
+
+    def the_other_process_finishes():
+        if not dest.exists():
+            os.rename(theirs, dest)
+
+    if moment == "while this one builds":
+        build = datasets._build_animals10
+        monkeypatch.setattr(datasets, "_build_animals10",
+                            lambda *args: (build(*args), the_other_process_finishes())[0])
+    else:
+        rename = Path.rename
+        monkeypatch.setattr(Path, "rename", lambda self, target: (
+            the_other_process_finishes() if Path(target) == dest else None, rename(self, target))[1])
+    with pytest.warns(UserWarning, match="differs"):
+        assert prepare_animals10(kaggle_zip, dest, quiet=True) == dest
+    assert (dest / "in-use.txt").is_file() and datasets.is_prepared(dest)
+    assert sorted(os.listdir(tmp_path)) == sorted(["animals10", "extracted", kaggle_zip.name])
 
 
 # --------------------------------------------------------------------------------------------------------------

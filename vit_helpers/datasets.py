@@ -13,6 +13,7 @@ loaders are in `vit_helpers.data`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -77,6 +78,10 @@ PREPARED_MARKER = ".prepared.json"
 #: open the null device there, and "D:evil.png" would land on drive D.
 WINDOWS_DEVICE_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"} | {
     f"{port}{digit}" for port in ("COM", "LPT") for digit in "123456789\u00b9\u00b2\u00b3"})
+#: Characters no Windows file name may hold (':' is refused on its own, above), control characters included.
+WINDOWS_FORBIDDEN = re.compile(r'[<>"|?*\x00-\x1f]')
+#: The longest file name (in UTF-8 bytes) that Linux, macOS and Windows file systems all accept.
+MAX_NAME_BYTES = 255
 
 #: How long the other ranks of a torchrun job wait while rank 0 downloads and prepares a dataset (600 MB).
 PREPARE_WAIT = timedelta(hours=3)
@@ -206,6 +211,9 @@ def _authenticated_kaggle_api():
 
 
 def _download_error(action: str, exc: BaseException) -> DatasetError:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DatasetError(f"{action} failed: the disk is full ({exc}). Animals-10 needs about 1.2 GB while it "
+                            f"is prepared (the 600 MB archive and the images): free some space and try again.")
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if status in (401, 403):
         return KaggleCredentialsError(f"{action} failed: Kaggle refused the credentials (HTTP {status}).\n"
@@ -295,6 +303,7 @@ def download_animals10(dest: str | Path = "data/animals10", force: bool = False,
         if not quiet:
             print(f"Animals-10 is already prepared in {dest}:\n{format_class_counts(counts)}")
         return dest
+    _check_destination(dest)  # before fetching 600 MB that could not be used
     downloaded = _downloaded_here(archive)
     if not archive.is_file() or (force and downloaded):
         _download_animals10_archive(archive, progress=progress, quiet=quiet)
@@ -354,6 +363,10 @@ def _animals10_entry(name: str) -> tuple[str, str] | str | None:
             return f"':' in {part!r}"
         if part.split(".")[0].rstrip(" ").upper() in WINDOWS_DEVICE_NAMES:
             return f"{part!r} is a Windows device name"
+        if WINDOWS_FORBIDDEN.search(part):
+            return f"{part!r} holds a character Windows forbids in file names"
+        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            return f"a name longer than {MAX_NAME_BYTES} bytes"
     if parts[:1] == ["raw-img"]:
         rest = parts[1:]
     elif parts[1:2] == ["raw-img"]:  # nested one level, e.g. animals10/raw-img/...
@@ -376,13 +389,18 @@ ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
 def _extract_animals10_zip(archive: Path, staging: Path) -> list[str]:
     """Copy the images of the ten classes out of the zip into staging/<english>/; return what was refused.
     Output paths are built from our own class name and the member's base name, and checked to resolve inside
-    staging before anything is opened. A damaged archive raises DamagedArchiveError."""
+    staging before anything is opened. Members are streamed to disk, never held in memory whole, after a check that
+    their declared sizes fit on the disk (zipfile never yields more than a member declares, so a zip bomb stops
+    there). A damaged archive raises DamagedArchiveError."""
     refused, inside = [], staging.resolve()
     try:
         zf = zipfile.ZipFile(archive)
     except ZIP_READ_ERRORS as exc:
         raise DamagedArchiveError(archive, f"{type(exc).__name__}: {exc}") from exc
     with zf:
+        _check_free_space(staging, [info.file_size for info in zf.infolist()
+                                    if not info.is_dir() and isinstance(_animals10_entry(info.filename), tuple)],
+                          f"extracting {archive}")
         for info in sorted(zf.infolist(), key=lambda info: info.filename):
             if info.is_dir():
                 continue
@@ -400,16 +418,42 @@ def _extract_animals10_zip(archive: Path, staging: Path) -> list[str]:
             if target.exists():
                 refused.append(f"{info.filename!r} (duplicate of {where[0]}/{where[1]})")
                 continue
-            try:
-                payload = zf.read(info)  # decompresses and checks the CRC-32
-            except ZIP_READ_ERRORS as exc:
-                raise DamagedArchiveError(archive, f"{info.filename}: {type(exc).__name__}: {exc}") from exc
             target.parent.mkdir(exist_ok=True)
-            with open(target, "xb") as file:
-                file.write(payload)
+            _copy_member(zf, info, archive, target)
             stamp = time.mktime(info.date_time + (0, 0, -1))  # keep the archive's dates: reproducible output
             os.utime(target, (stamp, stamp))
     return refused
+
+
+def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive: Path, target: Path) -> None:
+    """Stream one member into target (created, never overwritten), a megabyte at a time. An error reading it
+    means a damaged archive; an error writing it (a full disk) passes through."""
+    try:
+        member = zf.open(info)
+    except (NotImplementedError, RuntimeError) as exc:  # Deflate64 (Windows' zip for big files), a password
+        raise DatasetError(f"Python cannot read {info.filename} in {archive} ({exc}): extract it with your own "
+                           f"unzip tool and pass the folder instead.") from exc
+    except ZIP_READ_ERRORS as exc:
+        raise DamagedArchiveError(archive, f"{info.filename}: {type(exc).__name__}: {exc}") from exc
+    with member, open(target, "xb") as file:
+        while True:
+            try:
+                chunk = member.read(1 << 20)  # decompresses; at the end it checks the CRC-32
+            except ZIP_READ_ERRORS as exc:
+                raise DamagedArchiveError(archive, f"{info.filename}: {type(exc).__name__}: {exc}") from exc
+            if not chunk:
+                break
+            file.write(chunk)
+
+
+def _check_free_space(folder: Path, sizes: list[int], action: str) -> None:
+    """Refuse before writing when files of these sizes will not fit on folder's disk (each takes whole 4 KiB
+    blocks): a zip bomb or a nearly full disk fails here, clearly, instead of filling the disk."""
+    needed = sum(-(-size // 4096) * 4096 for size in sizes)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise DatasetError(f"{action} needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free on the disk "
+                           f"of {folder.parent}: free some space or choose a destination on another disk.")
 
 
 def _find_raw_img(folder: Path) -> Path:
@@ -451,22 +495,25 @@ def prepare_animals10(source: str | Path, dest: str | Path = "data/animals10", *
     would land outside dest (absolute paths, '..', ':' or a Windows device name such as CON in any part) and
     symbolic links are refused with a warning; the archive's translate.py is never run. A damaged zip raises
     DamagedArchiveError, a full disk a DatasetError. Prints the images per class and warns if they differ from
-    ANIMALS10_COUNTS.
+    ANIMALS10_COUNTS. A dest that is a symbolic link to a folder is filled where it points, and the link kept.
     """
     source, dest = Path(source), Path(dest)
+    if dest.is_symlink():
+        dest = dest.resolve()  # build beside the folder it points to (say, on a bigger disk), not beside the link
     remove_stale_work_folders(dest)
     if is_prepared(dest) and not force:
         counts = check_animals10(dest)
     else:
-        if dest.exists() and not is_prepared(dest) and any(dest.iterdir()):
-            raise DatasetError(f"{dest} exists and was not written by prepare_animals10; move it away or choose "
-                               f"another destination (it is never overwritten).")
+        _check_destination(dest)
+        if dest.exists() and source.resolve().is_relative_to(dest.resolve()):
+            raise DatasetError(f"{source} is inside {dest}, which preparing again would replace: move it out of "
+                               f"{dest} first.")
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = _new_work_folder(dest)
         try:
             counts = _build_animals10(source, staging)
             _finish_prepared_folder(staging, dest, {"dataset": "animals10", "source": str(source),
-                                                    "counts": counts})
+                                                    "counts": counts}, replace=force)
         except OSError as exc:  # writing: a full disk, no permission
             shutil.rmtree(staging, ignore_errors=True)
             raise DatasetError(f"preparing {dest} failed ({type(exc).__name__}: {exc}); check the free disk space "
@@ -500,17 +547,40 @@ def _build_animals10(source: Path, staging: Path) -> dict[str, int]:
     return counts
 
 
-def _finish_prepared_folder(staging: Path, dest: Path, marker: dict) -> None:
-    """Write the completion marker last, then swap staging into dest (a rename: all or nothing)."""
+def _check_destination(dest: Path) -> None:
+    """Refuse a dest that is a file, or a folder with something in it that prepare_animals10 did not write."""
+    if os.path.lexists(dest) and not dest.is_dir():
+        raise DatasetError(f"{dest} is a file, not a folder: move it away or choose another destination.")
+    if dest.is_dir() and not is_prepared(dest) and any(dest.iterdir()):
+        raise DatasetError(f"{dest} exists and was not written by prepare_animals10; move it away or choose "
+                           f"another destination (it is never overwritten).")
+
+
+def _finish_prepared_folder(staging: Path, dest: Path, marker: dict, replace: bool = False) -> None:
+    """Write the completion marker last, then swap staging into dest (a rename: all or nothing). A dest that
+    another process prepared meanwhile is kept, and staging deleted, unless replace=True (force): it may be in
+    use already."""
     (staging / PREPARED_MARKER).write_text(json.dumps(marker, indent=1))
     staging.chmod(0o755)  # mkdtemp makes it private
-    if dest.exists():
+    if is_prepared(dest) and not replace:
+        shutil.rmtree(staging)
+    elif dest.exists():
         retired = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         dest.rename(retired)
-        staging.rename(dest)
+        try:
+            staging.rename(dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                retired.rename(dest)  # put the old one back
+            raise
         shutil.rmtree(retired)
     else:
-        staging.rename(dest)
+        try:
+            staging.rename(dest)
+        except OSError:
+            if not is_prepared(dest):
+                raise
+            shutil.rmtree(staging)  # another process finished first, between the check and the rename
 
 
 def _new_work_folder(path: Path) -> Path:
