@@ -12,26 +12,17 @@ import os
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from vit_helpers.gpu_data import DeviceAugment, make_cached_loaders
 from vit_helpers.model import ViT, ViTConfig
 from vit_helpers.training import TrainConfig, fit, load_checkpoint
 
+from test_training import NUM_CLASSES, coloured_images  # noisy images whose class is their colour
+
 DEVICE = torch.device(os.environ.get("VIT_HELPERS_CUDA_TESTS_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (run on the device machine: see BENCHMARKS.md)")
-
-NUM_CLASSES = 4
-
-
-def coloured_images(num_samples: int, seed: int = 0) -> TensorDataset:
-    """Noisy 8x8 images whose class is their colour: separable in every patch (as in test_training.py)."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, NUM_CLASSES, (num_samples,), generator=generator)
-    colours = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [-1.0, -1.0, -1.0]])
-    images = 0.5 * torch.randn(num_samples, 3, 8, 8, generator=generator) + colours[labels][:, :, None, None]
-    return TensorDataset(images, labels)
 
 
 def tiny_vit(seed: int = 0) -> ViT:
