@@ -397,7 +397,7 @@ def write_results(out: Path, settings, model, history, class_names, probabilitie
                                                         example_labels, denormalize=denormalize)
     for name, figure in figures.items():
         with atomic_write(out / name) as file:
-            figure.savefig(file, format="png", dpi=110)
+            figure.savefig(file, format="png", dpi=110, bbox_inches="tight")  # as notebooks show them: no label cut off
     print(f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs_completed']} epochs "
           f"({seconds:.0f} s, {metrics['images_per_second']:.0f} img/s)")
     print(f"metrics:    {out / 'metrics.json'}\ncheckpoint: {out / 'checkpoint.pt'}\n"
