@@ -151,7 +151,8 @@ def unpack_cifar_jpegs(archive: Path, dest: Path, train_per_class: int | None = 
 def check_matmul(args, device, results) -> list[tuple]:
     ceiling = bench.measure_matmul_ceiling(device)
     results["matmul_ceiling_tflops"] = ceiling / 1e12
-    kind = "bf16 8192^3" if device.type == "cuda" else "fp32 1024^3"
+    size, dtype = bench.ceiling_matmul(device)
+    kind = f"{str(dtype).removeprefix('torch.')} {size}^3"
     return [("matmul", f"ceiling ({kind})", f"{ceiling / 1e12:.1f} TFLOP/s", "", "")]
 
 
@@ -426,7 +427,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if args.json:  # after every check, so a run cut short by a time limit keeps what it measured
-            save_results(args.json, results | {"summary": rows})
+            save_results(args.json, results)  # results["summary"] is rows
     if args.smoke:  # tiny sizes: the numbers only show that every check runs (errors and failures stay FAIL)
         rows = [row[:4] + ("(smoke)" if row[4] in ("PASS", "FAIL") and row[1] != "error"
                            and not str(row[2]).startswith("failed") else row[4],) for row in rows]

@@ -477,8 +477,7 @@ def evaluation_loader(loader, rank: int, world_size: int):
         return DataLoader(shard, batch_size=loader.batch_size, num_workers=loader.num_workers,
                           pin_memory=loader.pin_memory, collate_fn=loader.collate_fn), True
     mine, size = len(loader.sampler), len(loader.dataset)
-    total = torch.tensor(mine, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(total)
+    total = _all_reduce(mine)[0]
     if int(total) == size:
         return loader, True
     if mine == size:
@@ -724,10 +723,8 @@ def _saver(rank, world_size, checkpoint_path, optimizer, scheduler, config, clas
 def _check_same_steps_everywhere(steps_per_epoch: int) -> None:
     """Under DDP every process must take the same number of steps: one that has more waits forever for the
     others in its gradient all-reduce. Raise instead, on every process."""
-    steps = torch.tensor([steps_per_epoch, -steps_per_epoch],
-                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-    most, fewest = int(steps[0]), -int(steps[1])
+    most, negative_fewest = _all_reduce(steps_per_epoch, -steps_per_epoch, op=dist.ReduceOp.MAX)
+    most, fewest = int(most), -int(negative_fewest)
     if most != fewest:
         raise ValueError(f"the training loader gives {steps_per_epoch} batches per epoch on this process, but "
                          f"between {fewest} and {most} across processes; under DDP every process must take the same "
@@ -761,7 +758,13 @@ def _should_stop(epoch, stop_after_epoch, time_limit_s, started, epoch_seconds, 
     stop = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
     stop = stop or (time_limit_s is not None and time.perf_counter() - started + epoch_seconds > time_limit_s)
     if world_size > 1:  # the clocks differ between ranks: stop if any rank says so
-        flag = torch.tensor(float(stop), device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
+        stop = bool(_all_reduce(float(stop), op=dist.ReduceOp.MAX)[0])
     return stop
+
+
+def _all_reduce(*values: float, op=None) -> list[float]:
+    """Each value reduced (summed, or `op`) over the processes of the group in one all-reduce, on the GPU under
+    NCCL (which reduces only there)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor.tolist()
