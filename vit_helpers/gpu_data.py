@@ -242,7 +242,8 @@ def send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     waits for every kernel already queued (PyTorch synchronises the stream); once per batch, that stall would let
     the GPU run dry while the CPU queues the next step. A copy from pinned (page-locked) memory does not wait."""
     if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device, non_blocking=True)  # a no-op, or a copy between devices (never pinned memory)
+        # A no-op, or a copy between devices. Not asynchronous into the CPU: the result could be read unfilled.
+        return tensor.to(device, non_blocking=device.type == "cuda")
     # contiguous first: a strided source would be copied again, into ordinary memory, before the transfer.
     # PyTorch keeps the pinned buffer alive until the copy has run.
     return tensor.contiguous().pin_memory().to(device, non_blocking=True)
@@ -263,14 +264,18 @@ class DeviceAugment:
         x = images.float().div_(255)
         if self.policy != "none":
             batch = len(x)
-            crops, geometric = crop_flip_matrices(batch, generator, self.scale), ()
-            if self.policy == "strong":
+            crops = crop_flip_matrices(batch, generator, self.scale)
+            if self.policy != "strong":
+                x = warp(x, send(crops, device))
+            else:
                 ops = torch.randint(len(RANDAUGMENT_OPS), (2, batch), generator=generator)
                 signs = torch.where(torch.rand(2, batch, generator=generator) < 0.5, -1.0, 1.0)
-                geometric = send(torch.stack([geometric_op_matrices(ops[i], signs[i]) for i in range(2)]), device)
-            x = warp(x, send(crops, device), tuple(geometric))
-            if self.policy == "strong":
-                ops, signs = send(ops, device), send(signs, device)
+                # Everything drawn on the CPU goes over in two copies per batch: the crop and op matrices, the ops.
+                matrices = send(torch.stack([crops, *(geometric_op_matrices(ops[i], signs[i]) for i in range(2))]),
+                                device)  # (3, B, 3, 3)
+                ops_and_signs = send(torch.stack([ops.float(), signs]), device)  # (2, 2, B)
+                x = warp(x, matrices[0], (matrices[1], matrices[2]))
+                ops, signs = ops_and_signs[0].long(), ops_and_signs[1]
                 x = colour_ops(colour_ops(x, ops[0], signs[0]), ops[1], signs[1])
         return (x - self.mean) / self.std
 
