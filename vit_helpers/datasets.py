@@ -33,7 +33,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vit_helpers.files import read_json
+from vit_helpers.files import atomic_write, read_json
 from vit_helpers.training import distributed_info
 
 # --------------------------------------------------------------------------------------------------------------
@@ -130,18 +130,16 @@ def kaggle_credentials_source() -> str | None:
     if token_source:
         return token_source
     kaggle_json = _kaggle_json_path()
-    config = {}
-    with contextlib.suppress(OSError, ValueError):
-        config = json.loads(kaggle_json.read_text()) or {}
+    config = read_json(kaggle_json)
     config = dict(config) if isinstance(config, dict) else {}
     config.update({k.removeprefix("KAGGLE_").lower(): v for k, v in os.environ.items() if k.startswith("KAGGLE_")})
     # kaggle only asks that both keys be there; empty values would be refused by Kaggle, so they count as none.
     if config.get("username") and config.get("key"):
         return str(kaggle_json) if kaggle_json.is_file() else "KAGGLE_USERNAME and KAGGLE_KEY"
     login = Path.home() / ".kaggle" / "credentials.json"
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        if json.loads(login.read_text()).get("refresh_token"):
-            return f"{login} (kaggle auth login)"
+    login_record = read_json(login)
+    if isinstance(login_record, dict) and login_record.get("refresh_token"):
+        return f"{login} (kaggle auth login)"
     return None
 
 
@@ -245,9 +243,8 @@ def _download_animals10_archive(archive: Path, progress: bool = True, quiet: boo
         if len(zips) != 1 or not zipfile.is_zipfile(zips[0]):
             raise DownloadError(f"Kaggle's download of {ANIMALS10_DATASET} did not give one whole zip archive "
                                 f"(found {[p.name for p in partial.iterdir()]}); try again.")
-        record = _download_record(archive)
-        record.parent.mkdir(exist_ok=True)
-        record.write_text(json.dumps(_file_stamp(zips[0])))  # before the rename, so it is never missing
+        with atomic_write(_download_record(archive), "w") as file:  # before the rename, so it is never missing
+            json.dump(_file_stamp(zips[0]), file)
         os.replace(zips[0], archive)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
