@@ -139,6 +139,8 @@ def test_analytic_flops_equal_pytorchs_flop_counter():
     with class_token_only, torch.no_grad():
         model(images)
     assert class_token_only.get_total_flops() == 3 * 2 * (config.forward_macs() - config.unread_macs())
+    # per image, forward and backward (twice the forward) of what is counted
+    assert config.executed_training_flops() == 3 * class_token_only.get_total_flops() // len(images)
 
 
 def test_vit_b16_unread_share():

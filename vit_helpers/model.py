@@ -157,6 +157,11 @@ class ViTConfig:
         """FLOPs of one image's training step: the backward pass costs about twice the forward (105.4e9 for B/16)."""
         return 3 * self.forward_flops()
 
+    def executed_training_flops(self) -> int:
+        """`training_flops` less the unread tokens `ViT.forward` skips (`unread_macs`, forward and backward): the
+        arithmetic our training step performs (98.1e9 for B/16)."""
+        return self.training_flops() - 3 * 2 * self.unread_macs()
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Initialisation as in the official JAX implementation (google-research/vision_transformer, models_vit.py).
