@@ -13,6 +13,12 @@ Checks (`--checks`, comma-separated, or all; matmul,models,data by default):
           and compiled; the aim compiled is 1.10)
   data    the data fast path: end-to-end training images/s at 224 px from a folder of JPEGs through
           `make_cached_loaders` (decoded once, augmented on the GPU), against synthetic input. Target: >= 90%.
+  pace    where the cifar10 recipe's time goes, in about two minutes: for each batch size and torch.compile mode
+          of --pace-runs (default 512, 512 with CUDA graphs, 2048), two epochs of the recipe's schedule with the
+          real cached loaders: ms per training step, training img/s, seconds per epoch with the evaluation,
+          the first epoch's (the compilations), and the loss and test accuracy after them (a mode that breaks
+          training shows there); also the strong-augmentation loader alone, ms per batch. No target: it says
+          which batch size and mode to give the cifar check.
   cifar   the `cifar10` recipe under a time budget: test accuracy and wall time. Target: >= 90% in 10 minutes.
           Not in the default set: it takes the whole budget, longer than one device command may run beside the rest.
           It trains two epochs first; if the whole schedule cannot fit the budget at that pace, it shortens the
@@ -37,6 +43,7 @@ import sys
 import tarfile
 import time
 import traceback
+import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -50,13 +57,27 @@ from vit_helpers.files import atomic_write  # noqa: E402
 from vit_helpers.model import ViT, ViTConfig  # noqa: E402
 from vit_helpers.recipes import get_recipe  # noqa: E402
 
-CHECKS = ("matmul", "models", "data", "cifar")
+CHECKS = ("matmul", "models", "data", "pace", "cifar")
 DEFAULT_CHECKS = ("matmul", "models", "data")
 BENCH_DATA = REPO / ".bench_data"
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
 # The shared copy beside the checkout here; on the device machine, where ../shared does not travel, the carried copy.
 DEFAULT_ARCHIVE = next((path for path in (REPO.parent / "shared" / "data" / ARCHIVE_NAME, BENCH_DATA / ARCHIVE_NAME)
                         if path.is_file()), REPO.parent / "shared" / "data" / ARCHIVE_NAME)
+
+
+def parse_pace_runs(text: str) -> list[tuple[int, str | None]]:
+    """"512,512:reduce-overhead" -> [(512, None), (512, "reduce-overhead")]: batch sizes and torch.compile modes
+    (None: the default mode)."""
+    runs = []
+    for part in filter(None, (part.strip() for part in text.split(","))):
+        batch, _, mode = part.partition(":")
+        if not batch.isdigit() or int(batch) < 1:
+            raise argparse.ArgumentTypeError(f"{part!r}: give BATCH or BATCH:MODE, e.g. 512:reduce-overhead")
+        runs.append((int(batch), mode.strip() or None))
+    if not runs:
+        raise argparse.ArgumentTypeError("give at least one BATCH or BATCH:MODE")
+    return runs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,6 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cifar-set", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a field of the cifar10 recipe for this run, e.g. lr=2e-3 or augment=basic "
                              "(repeatable): for tuning it on short runs")
+    parser.add_argument("--pace-runs", default="512,512:reduce-overhead,2048", type=parse_pace_runs,
+                        help="for the pace check: comma-separated BATCH or BATCH:COMPILE_MODE (default: %(default)s)")
+    parser.add_argument("--compile-augment", action="store_true",
+                        help="pace and cifar checks: train with the augmentation compiled (DeviceAugment(compile=True))")
     parser.add_argument("--compile-mode", help="torch.compile mode for the compiled runs of every check, e.g. "
                                                "reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs")
     parser.add_argument("--json", type=Path, help="also save every result here")
@@ -331,6 +356,109 @@ def epochs_that_fit(planned: int, done: int, elapsed: float, pace: float, budget
     return min(planned, done + max(0, int((budget * margin - elapsed) // pace)))
 
 
+def loader_milliseconds_per_batch(loader, device) -> float:
+    """One pass of `loader` (augmentation included) after a warm pass, in ms per batch, the GPU finished."""
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in loader:
+            pass
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return 1000 * (time.perf_counter() - started) / len(loader)
+
+
+def check_pace(args, device, results) -> list[tuple]:
+    """Two epochs of the cifar10 recipe for each (batch size, compile mode) of --pace-runs; see the module's doc."""
+    from vit_helpers.gpu_data import make_cached_loaders
+
+    recipe = with_changes(get_recipe("cifar10", device.type), args.cifar_set)
+    per_class = 8 if args.smoke else None
+    folder = unpack_cifar_jpegs(args.cifar_archive, args.work_dir / ("cifar10-jpeg-smoke" if args.smoke
+                                                                     else "cifar10-jpeg"),
+                                train_per_class=per_class, test_per_class=per_class)
+    rows, runs, loader_ms = [], [], {}
+    for batch, mode in args.pace_runs:
+        batch = min(batch, 16) if args.smoke else batch
+        torch._dynamo.reset()  # each run compiles afresh, as the cifar check would
+        loaders = {compiled: make_cached_loaders(folder, image_size=recipe.image_size, batch_size=batch,
+                                                 device=device, augment=recipe.augment, crop_scale=recipe.crop_scale,
+                                                 compile_augment=compiled)
+                   for compiled in (False, True)}
+        # The loader alone, plain and compiled, once per batch size: what the augmentation costs of a step.
+        for compiled, (loader, _, _) in loaders.items():
+            key = f"{batch}{' compiled' if compiled else ''}"
+            if key not in loader_ms:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    loader_ms[key] = loader_milliseconds_per_batch(loader, device)
+                fell_back = compiled and loader.augment.compiled is None
+                note = f" (compiling failed: {caught[0].message})"[:100] if fell_back and caught else ""
+                rows.append(("pace", f"{recipe.augment} augmentation alone, batch {key}",
+                             f"{loader_ms[key]:.2f} ms/batch{note}", "", "FAIL" if fell_back else ""))
+        train_loader, test_loader, classes = loaders[args.compile_augment]
+        torch.manual_seed(0)
+        model = ViT(recipe.model_config(num_classes=len(classes)))
+        config = recipe.train_config(epochs=args.cifar_epochs or recipe.epochs, batch_size=batch,
+                                     device=str(device), compile_mode=mode,
+                                     compile=False if args.no_compiled else None, checkpoint_every=10 ** 6)
+        name = f"batch {batch}, {mode or 'default'} mode" if config.compile is not False and device.type == "cuda" \
+            else f"batch {batch}, eager"
+        name += ", augmentation compiled" if args.compile_augment else ""
+        try:
+            history = training.fit(model, train_loader, test_loader, config=config, progress=False,
+                                   stop_after_epoch=min(2, config.epochs))
+        except Exception as error:  # a mode that fails to compile or run: noted, and the next run goes on
+            traceback.print_exc()
+            runs.append({"batch_size": batch, "compile_mode": mode, "error": f"{type(error).__name__}: {error}"})
+            rows.append(("pace", name, f"failed: {type(error).__name__}: {error}"[:100], "", "FAIL"))
+            continue
+        last = history[-1]
+        step_ms = 1000 * batch / last["images_per_second"]
+        run = {"batch_size": batch, "compile_mode": mode, "compile_augment": args.compile_augment,
+               "steps_per_epoch": len(train_loader),
+               "ms_per_step": step_ms, "train_images_per_second": last["images_per_second"],
+               "epoch_seconds": last["seconds"], "first_epoch_seconds": history[0]["seconds"],
+               "train_loss": last["train_loss"], "test_accuracy": last["test_accuracy"], "history": history}
+        runs.append(run)
+        print(f"pace: {name}: {step_ms:.1f} ms/step, {last['images_per_second']:,.0f} img/s, "
+              f"{last['seconds']:.2f} s/epoch with the evaluation, first epoch {history[0]['seconds']:.1f} s, "
+              f"after {len(history)}: train loss {last['train_loss']:.4f}, test accuracy "
+              f"{last['test_accuracy']:.4f}", flush=True)
+        rows.append(("pace", name, f"{step_ms:.1f} ms/step, {last['images_per_second']:,.0f} img/s, "
+                                   f"{last['seconds']:.2f} s/epoch", "", ""))
+        first = "epoch 1 (compiling)" if "mode" in name else "epoch 1"
+        rows.append(("pace", f"{name}: {first}; after {len(history)}",
+                     f"{history[0]['seconds']:.1f} s; loss {last['train_loss']:.3f}, acc {last['test_accuracy']:.3f}",
+                     "", ""))
+        results["pace"] = {"recipe": asdict(recipe), "loader_ms_per_batch": loader_ms, "runs": runs}
+        if args.json:
+            save_results(args.json, results)
+    results["pace"] = {"recipe": asdict(recipe), "loader_ms_per_batch": loader_ms, "runs": runs}
+    return rows + same_run_in_every_mode(runs)
+
+
+def same_run_in_every_mode(runs: list[dict]) -> list[tuple]:
+    """Rows comparing, per batch size, each compile mode's training loss after the pace check's epochs with the
+    first mode's: the same seeds and data, so a mode that trains differently (CUDA graphs replaying stale
+    gradients, say) shows as a loss that differs by more than rounding."""
+    rows, first = [], {}
+    for run in runs:
+        if "error" in run:
+            continue
+        reference = first.setdefault(run["batch_size"], run)
+        if reference is run:
+            continue
+        gap = abs(run["train_loss"] - reference["train_loss"]) / reference["train_loss"]
+        rows.append(("pace", f"batch {run['batch_size']}: {run['compile_mode'] or 'default'} mode's training loss "
+                             f"vs {reference['compile_mode'] or 'default'} mode's",
+                     f"{run['train_loss']:.4f} vs {reference['train_loss']:.4f}", "within 1%",
+                     "PASS" if gap <= 0.01 else "FAIL"))
+    return rows
+
+
 def check_cifar(args, device, results) -> list[tuple]:
     from vit_helpers.gpu_data import make_cached_loaders
 
@@ -344,7 +472,8 @@ def check_cifar(args, device, results) -> list[tuple]:
     started = time.perf_counter()
     train_loader, test_loader, classes = make_cached_loaders(folder, image_size=recipe.image_size,
                                                              batch_size=batch_size, device=device,
-                                                             augment=recipe.augment, crop_scale=recipe.crop_scale)
+                                                             augment=recipe.augment, crop_scale=recipe.crop_scale,
+                                                             compile_augment=args.compile_augment)
     torch.manual_seed(0)
     model = ViT(recipe.model_config(num_classes=len(classes)))
     # One checkpoint, after the probe below: this measures the recipe, not the disk.
@@ -385,7 +514,8 @@ def check_cifar(args, device, results) -> list[tuple]:
     wall = time.perf_counter() - started
     accuracy = history[-1]["test_accuracy"]
     finished = len(history) == epochs
-    results["cifar"] = {"recipe": asdict(recipe), "epochs_planned": planned, "epochs_scheduled": epochs,
+    results["cifar"] = {"recipe": asdict(recipe), "compile_mode": config.compile_mode,
+                        "compile_augment": args.compile_augment, "epochs_planned": planned, "epochs_scheduled": epochs,
                         "epochs_done": len(history), "wall_seconds": wall, "test_accuracy": accuracy,
                         "history": history}
     verdict = "PASS" if accuracy >= 0.9 and wall <= budget and finished else "FAIL"

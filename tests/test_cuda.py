@@ -1,13 +1,15 @@
 """What only a CUDA GPU runs: the engine's bf16 autocast and fused AdamW, augmentation and the image store on the
 device, and checkpoints carried from a GPU to a laptop. Skipped where there is no GPU (CI has none); the GPU sessions
-run them first (BENCHMARKS.md), in under a minute. They stay small: tiny models, uncompiled (scripts/gpu_checks.py
-compiles and times the real sizes).
+run them first (BENCHMARKS.md), in a minute or two. They stay small: tiny models, uncompiled but for the check of
+CUDA graphs and of the compiled augmentation (scripts/gpu_checks.py compiles and times the real sizes).
 
 `VIT_HELPERS_CUDA_TESTS_DEVICE=cpu` runs them on the CPU instead, only to check the test code itself: there the
 comparisons with the CPU are trivially true.
 """
 
+import dataclasses
 import os
+import warnings
 
 import pytest
 import torch
@@ -76,14 +78,35 @@ def test_augmentation_on_the_gpu_equals_the_same_augmentation_on_the_cpu():
     # DeviceAugment draws its random numbers on the CPU, so (seed, epoch) decide the result on any device.
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for policy in ("basic", "strong"):
-        augment = DeviceAugment(policy)
-        on_cpu = augment(images, torch.Generator().manual_seed(7))
-        on_device = augment(images.to(DEVICE), torch.Generator().manual_seed(7))
-        assert on_device.device.type == DEVICE.type
-        # Interpolation rounds differently on the GPU; a value at a posterize or solarize threshold may then land
-        # on the other side (a step of 2/255 or more): rare pixels, not the draws.
-        close = ((on_device.cpu() - on_cpu).abs() < 1e-4).float().mean()
-        assert close > 0.999, f"{policy}: only {close:.4f} of the values agree"
+        on_cpu = DeviceAugment(policy)(images, torch.Generator().manual_seed(7))
+        for compiled in (False, True):  # compiled: a few fused kernels (torch.compile), the same draws
+            augment = DeviceAugment(policy, compile=compiled)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a compiled version that fell back to the plain one fails here
+                on_device = augment(images.to(DEVICE), torch.Generator().manual_seed(7))
+            assert on_device.device.type == DEVICE.type
+            # Interpolation rounds differently on the GPU; a value at a posterize or solarize threshold may then
+            # land on the other side (a step of 2/255 or more): rare pixels, not the draws.
+            close = ((on_device.cpu() - on_cpu).abs() < 1e-4).float().mean()
+            assert close > 0.999, f"{policy}, compiled={compiled}: only {close:.4f} of the values agree"
+
+
+def test_training_with_cuda_graphs_matches_the_default_compiled_run():
+    """compile_mode="reduce-overhead" replays CUDA graphs of the same kernels, whose outputs the next replay
+    overwrites (the engine marks each step): the same losses and weights as the default mode, not a run that
+    quietly read stale gradients or logits. The one test here that compiles (a minute or so)."""
+    runs = {}
+    for mode in (None, "reduce-overhead"):
+        model = tiny_vit()
+        config = dataclasses.replace(CONFIG, epochs=2, compile=True, compile_mode=mode)
+        history = fit(model, *loaders(), config=config, progress=False)
+        runs[mode] = (history, {name: value.detach().cpu() for name, value in model.state_dict().items()})
+    (default, default_weights), (graphs, graph_weights) = runs[None], runs["reduce-overhead"]
+    for expected, got in zip(default, graphs):
+        assert got["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-3)
+        assert got["test_accuracy"] == pytest.approx(expected["test_accuracy"], abs=1 / 64)
+    for name, value in default_weights.items():
+        torch.testing.assert_close(graph_weights[name], value, rtol=1e-2, atol=1e-3, msg=name)
 
 
 def write_tree(root, images_per_class=6):

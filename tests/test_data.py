@@ -486,3 +486,32 @@ def test_basic_device_crops_never_blend_in_black_at_the_border():
     augment = gpu_data.DeviceAugment("basic", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     crops = augment(white, torch.Generator().manual_seed(0))
     torch.testing.assert_close(crops, torch.ones_like(crops))  # every pixel of a crop of white is white
+
+
+@pytest.mark.parametrize("policy", ["basic", "strong"])
+def test_compiled_device_augmentation_equals_the_plain_one(policy):
+    """DeviceAugment(compile=True): the same draws and the same images to float rounding (here torch.compile's CPU
+    backend; on a GPU, tests/test_cuda.py compares it with the CPU's plain version)."""
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    plain = gpu_data.DeviceAugment(policy, scale=(0.5, 1.0))
+    compiled = gpu_data.DeviceAugment(policy, scale=(0.5, 1.0), compile=True)
+    for seed in (0, 1):  # the second batch reuses the compiled graph
+        expected = plain(images, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(compiled(images, torch.Generator().manual_seed(seed)), expected,
+                                   rtol=1e-5, atol=1e-4)
+    assert compiled.compiled is not None  # it did run compiled, not fall back
+
+
+def test_an_augmentation_that_fails_to_compile_warns_and_runs_plain(monkeypatch):
+    def broken_compile(function, **options):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    augment = gpu_data.DeviceAugment("strong", compile=True)
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    with pytest.warns(UserWarning, match="compiling the augmentation failed .*no compiler here"):
+        out = augment(images, torch.Generator().manual_seed(0))
+    expected = gpu_data.DeviceAugment("strong")(images, torch.Generator().manual_seed(0))
+    assert torch.equal(out, expected) and augment.compiled is None

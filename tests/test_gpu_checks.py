@@ -78,8 +78,17 @@ def test_smoke_run_measures_every_check_and_saves_them(gpu_checks, archive, tmp_
     assert {("ours", "train"), ("ours", "inference")} <= measured
     assert results["data"]["synthetic_images_per_second"] > 0 and results["data"]["ratio"] > 0
     assert results["cifar"]["epochs_done"] == 1 and 0 <= results["cifar"]["test_accuracy"] <= 1
+    runs = results["pace"]["runs"]  # the default --pace-runs, each at batch 16 in smoke mode
+    assert [(run["batch_size"], run["compile_mode"]) for run in runs] == \
+        [(16, None), (16, "reduce-overhead"), (16, None)]
+    assert all(run["ms_per_step"] > 0 and len(run["history"]) == 1 for run in runs)  # the smoke recipe: 1 epoch
+    assert set(results["pace"]["loader_ms_per_batch"]) == {"16", "16 compiled"}  # the loader alone, both ways
+    [same_run] = [row for row in results["summary"] if "reduce-overhead mode's training loss" in row[1]]
+    assert same_run[3:] == ["within 1%", "(smoke)"]  # PASS, shown as (smoke) at these sizes
+    # The same seeds, so the same run whatever the batch size's place in the list (on the CPU no mode compiles)
+    assert len({(run["train_loss"], run["test_accuracy"]) for run in runs}) == 1
     checks = {row[0] for row in results["summary"]}
-    assert checks == {"matmul", "models", "data", "cifar"}
+    assert checks == {"matmul", "models", "data", "pace", "cifar"}
     if ("timm", "train") in measured:  # the target as a verdict: ours / timm from the same run
         speed = {(r["implementation"], r["mode"]): r["images_per_second"] for r in results["models"]["results"]}
         verdicts = {row[1]: row[2] for row in results["summary"] if row[1].startswith("ours / timm")}
@@ -91,9 +100,21 @@ def test_smoke_run_measures_every_check_and_saves_them(gpu_checks, archive, tmp_
         [row[0] for row in results["summary"]]
 
 
+def test_pace_rows_flag_a_mode_whose_training_loss_differs(gpu_checks):
+    runs = [{"batch_size": 512, "compile_mode": None, "train_loss": 2.000},
+            {"batch_size": 512, "compile_mode": "reduce-overhead", "train_loss": 2.015},  # 0.75%: rounding
+            {"batch_size": 2048, "compile_mode": None, "train_loss": 2.300},  # another batch size: no pair
+            {"batch_size": 2048, "compile_mode": "reduce-overhead", "error": "BackendCompilerFailed: ..."},
+            {"batch_size": 512, "compile_mode": "max-autotune", "train_loss": 2.100}]  # 5%: not the same run
+    rows = gpu_checks.same_run_in_every_mode(runs)
+    assert [(row[1].split(":")[1].split()[0], row[4]) for row in rows] == [("reduce-overhead", "PASS"),
+                                                                           ("max-autotune", "FAIL")]
+    assert all(row[1].startswith("batch 512:") and row[1].endswith("vs default mode's") for row in rows)
+
+
 def test_the_default_checks_fit_one_device_command_and_all_means_all(gpu_checks):
     assert gpu_checks.parse_args([]).checks == ["matmul", "models", "data"]  # cifar alone takes its 10 minutes
-    assert gpu_checks.parse_args(["--checks", "all"]).checks == ["matmul", "models", "data", "cifar"]
+    assert gpu_checks.parse_args(["--checks", "all"]).checks == ["matmul", "models", "data", "pace", "cifar"]
 
 
 def test_unknown_check_is_refused(gpu_checks, capsys):

@@ -169,10 +169,15 @@ def make_step(model: nn.Module, mode: str, batch_size: int, config: ViTConfig, d
     labels = torch.randint(0, config.num_classes, (batch_size,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     forward = torch.compile(model, mode=compile_mode) if compile_model else model
+
+    def mark_new_iteration():  # as the training engine does: CUDA graphs (mode reduce-overhead) reuse outputs
+        if compile_model:
+            torch.compiler.cudagraph_mark_step_begin()
     if mode == "inference":
         model.eval()
 
         def step():
+            mark_new_iteration()
             with torch.inference_mode(), autocast:
                 forward(images)
 
@@ -182,6 +187,7 @@ def make_step(model: nn.Module, mode: str, batch_size: int, config: ViTConfig, d
 
     def step():
         optimizer.zero_grad(set_to_none=True)
+        mark_new_iteration()
         with autocast:
             loss = F.cross_entropy(forward(images).float(), labels)
         loss.backward()
