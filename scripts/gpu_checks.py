@@ -110,8 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pace-runs", default="512,512:reduce-overhead,2048", type=parse_pace_runs,
                         help="for the pace check: comma-separated BATCH or BATCH:COMPILE_MODE (default: %(default)s)")
     parser.add_argument("--compile-augment", action="store_true",
-                        help="pace and cifar checks: train with the augmentation compiled (DeviceAugment(compile=True))")
-    parser.add_argument("--compile-mode", help="torch.compile mode for the compiled runs of every check, e.g. "
+                        help="pace and cifar checks: train with the augmentation compiled (DeviceAugment(compile=True))"
+                             " also where the recipe does not")
+    parser.add_argument("--compile-mode", help="torch.compile mode for the compiled runs of every check (the cifar "
+                                               "check: instead of the recipe's), e.g. "
                                                "reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs")
     parser.add_argument("--json", type=Path, help="also save every result here")
     args = parser.parse_args(argv)
@@ -370,6 +372,17 @@ def loader_milliseconds_per_batch(loader, device) -> float:
     return 1000 * (time.perf_counter() - started) / len(loader)
 
 
+def augmentations_agree(plain_loader, compiled_loader) -> float:
+    """The share of values on which the two loaders' augmentations agree (within 1e-4) for the same draws on the
+    loaders' first batch of stored images. Rounding differs between kernels; a value at a posterize or solarize
+    threshold may land on the other side: a few values in ten thousand, not whole images."""
+    images = plain_loader.images[plain_loader.rows[:plain_loader.batch_size].to(plain_loader.images.device)]
+    images = images.to(plain_loader.device)
+    expected = plain_loader.augment(images, torch.Generator().manual_seed(0))
+    got = compiled_loader.augment(images, torch.Generator().manual_seed(0))
+    return float(((got - expected).abs() < 1e-4).float().mean())
+
+
 def check_pace(args, device, results) -> list[tuple]:
     """Two epochs of the cifar10 recipe for each (batch size, compile mode) of --pace-runs; see the module's doc."""
     from vit_helpers.gpu_data import make_cached_loaders
@@ -379,7 +392,11 @@ def check_pace(args, device, results) -> list[tuple]:
     folder = unpack_cifar_jpegs(args.cifar_archive, args.work_dir / ("cifar10-jpeg-smoke" if args.smoke
                                                                      else "cifar10-jpeg"),
                                 train_per_class=per_class, test_per_class=per_class)
-    rows, runs, loader_ms = [], [], {}
+    rows, runs, loader_ms, agreements = [], [], {}, {}
+    compile_augment = args.compile_augment or recipe.compile_augment
+    # Filled in as the runs go, and saved after each: a command cut short keeps the runs it finished.
+    results["pace"] = {"recipe": asdict(recipe), "loader_ms_per_batch": loader_ms,
+                       "augmentation_agreement": agreements, "runs": runs}
     for batch, mode in args.pace_runs:
         batch = min(batch, 16) if args.smoke else batch
         torch._dynamo.reset()  # each run compiles afresh, as the cifar check would
@@ -398,7 +415,12 @@ def check_pace(args, device, results) -> list[tuple]:
                 note = f" (compiling failed: {caught[0].message})"[:100] if fell_back and caught else ""
                 rows.append(("pace", f"{recipe.augment} augmentation alone, batch {key}",
                              f"{loader_ms[key]:.2f} ms/batch{note}", "", "FAIL" if fell_back else ""))
-        train_loader, test_loader, classes = loaders[args.compile_augment]
+        if batch not in agreements:  # once per batch size: the compiled augmentation's output
+            agreements[batch] = agreement = augmentations_agree(loaders[False][0], loaders[True][0])
+            rows.append(("pace", f"compiled augmentation equals the plain one, batch {batch}",
+                         f"{100 * agreement:.3f}% of values within 1e-4", ">= 99.9%",
+                         "PASS" if agreement >= 0.999 else "FAIL"))
+        train_loader, test_loader, classes = loaders[compile_augment]
         torch.manual_seed(0)
         model = ViT(recipe.model_config(num_classes=len(classes)))
         config = recipe.train_config(epochs=args.cifar_epochs or recipe.epochs, batch_size=batch,
@@ -406,7 +428,7 @@ def check_pace(args, device, results) -> list[tuple]:
                                      compile=False if args.no_compiled else None, checkpoint_every=10 ** 6)
         name = f"batch {batch}, {mode or 'default'} mode" if config.compile is not False and device.type == "cuda" \
             else f"batch {batch}, eager"
-        name += ", augmentation compiled" if args.compile_augment else ""
+        name += ", augmentation compiled" if compile_augment else ""
         try:
             history = training.fit(model, train_loader, test_loader, config=config, progress=False,
                                    stop_after_epoch=min(2, config.epochs))
@@ -417,7 +439,7 @@ def check_pace(args, device, results) -> list[tuple]:
             continue
         last = history[-1]
         step_ms = 1000 * batch / last["images_per_second"]
-        run = {"batch_size": batch, "compile_mode": mode, "compile_augment": args.compile_augment,
+        run = {"batch_size": batch, "compile_mode": mode, "compile_augment": compile_augment,
                "steps_per_epoch": len(train_loader),
                "ms_per_step": step_ms, "train_images_per_second": last["images_per_second"],
                "epoch_seconds": last["seconds"], "first_epoch_seconds": history[0]["seconds"],
@@ -433,10 +455,8 @@ def check_pace(args, device, results) -> list[tuple]:
         rows.append(("pace", f"{name}: {first}; after {len(history)}",
                      f"{history[0]['seconds']:.1f} s; loss {last['train_loss']:.3f}, acc {last['test_accuracy']:.3f}",
                      "", ""))
-        results["pace"] = {"recipe": asdict(recipe), "loader_ms_per_batch": loader_ms, "runs": runs}
         if args.json:
             save_results(args.json, results)
-    results["pace"] = {"recipe": asdict(recipe), "loader_ms_per_batch": loader_ms, "runs": runs}
     return rows + same_run_in_every_mode(runs)
 
 
@@ -468,17 +488,19 @@ def check_cifar(args, device, results) -> list[tuple]:
     folder = unpack_cifar_jpegs(args.cifar_archive, args.work_dir / name, train_per_class=per_class,
                                 test_per_class=per_class)
     batch_size = 16 if args.smoke else recipe.batch_size
+    compile_augment = args.compile_augment or recipe.compile_augment
     epochs = args.cifar_epochs or recipe.epochs
     started = time.perf_counter()
     train_loader, test_loader, classes = make_cached_loaders(folder, image_size=recipe.image_size,
                                                              batch_size=batch_size, device=device,
                                                              augment=recipe.augment, crop_scale=recipe.crop_scale,
-                                                             compile_augment=args.compile_augment)
+                                                             compile_augment=compile_augment)
     torch.manual_seed(0)
     model = ViT(recipe.model_config(num_classes=len(classes)))
     # One checkpoint, after the probe below: this measures the recipe, not the disk.
     config = recipe.train_config(epochs=epochs, batch_size=batch_size, device=str(device),
-                                 compile=False if args.no_compiled else None, compile_mode=args.compile_mode,
+                                 compile=False if args.no_compiled else None,
+                                 compile_mode=args.compile_mode or recipe.compile_mode,
                                  checkpoint_every=10 ** 6)
     budget = args.cifar_minutes * 60
     checkpoint = args.work_dir / "cifar_check_checkpoint.pt"
@@ -515,7 +537,7 @@ def check_cifar(args, device, results) -> list[tuple]:
     accuracy = history[-1]["test_accuracy"]
     finished = len(history) == epochs
     results["cifar"] = {"recipe": asdict(recipe), "compile_mode": config.compile_mode,
-                        "compile_augment": args.compile_augment, "epochs_planned": planned, "epochs_scheduled": epochs,
+                        "compile_augment": compile_augment, "epochs_planned": planned, "epochs_scheduled": epochs,
                         "epochs_done": len(history), "wall_seconds": wall, "test_accuracy": accuracy,
                         "history": history}
     verdict = "PASS" if accuracy >= 0.9 and wall <= budget and finished else "FAIL"

@@ -117,6 +117,8 @@ def one_error_line(capsys) -> str:
     (["--cpu-threads", "-1"], "argument --cpu-threads: expected a whole number of at least 1, got '-1'"),
     (["--cpu-threads", "0"], "argument --cpu-threads: expected a whole number of at least 1, got '0'"),
     (["--stop-after-epoch", "0"], "argument --stop-after-epoch: expected a whole number of at least 1, got '0'"),
+    (["--compile-augment", "--no-cached"], "--compile-augment compiles the augmentation of the cached loaders: "
+                                            "add --cached"),
 ])
 def test_bad_arguments_give_one_line_and_exit_code_2(tiny_folder, tmp_path, capsys, extra, message):
     assert main(train_args(tiny_folder, tmp_path / "run", *extra)) == 2
@@ -311,3 +313,42 @@ def test_resume_gives_settings_added_since_a_checkpoint_was_written_their_defaul
     torch.save(checkpoint, out / "checkpoint.pt")
     assert main(["train", "--out", str(out), "--resume"]) == 0
     assert json.loads((out / "metrics.json").read_text())["settings"]["crop_scale"] is None
+
+
+def test_compiled_augmentation_reaches_the_loader_and_may_change_on_resume(tiny_folder, tmp_path, monkeypatch):
+    from vit_helpers import gpu_data
+
+    seen, make = [], gpu_data.make_cached_loaders
+
+    def recording(*args, **kwargs):
+        loaders = make(*args, **kwargs)
+        seen.append(loaders[0].augment.compiled is not None)  # the training loader's augmentation
+        return loaders
+
+    monkeypatch.setattr(gpu_data, "make_cached_loaders", recording)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--augment", "basic", "--compile-augment", "--stop-after-epoch",
+                           "1")) == 0
+    assert main(["train", "--out", str(out), "--resume", "--no-compile-augment"]) == 0  # a speed setting
+    assert seen == [True, False]
+    assert json.loads((out / "metrics.json").read_text())["settings"]["compile_augment"] is False
+
+
+def test_a_recipes_compile_settings_reach_the_run_and_flags_override_them(tmp_path, monkeypatch):
+    import dataclasses
+
+    from vit_helpers import recipes
+    from vit_helpers.cli import build_parser, run_settings, train_config
+
+    monkeypatch.setitem(recipes.RECIPES, "demo", dataclasses.replace(recipes.RECIPES["demo"], compile_augment=True,
+                                                                     compile_mode="reduce-overhead"))
+
+    def settings(*flags):
+        args = build_parser().parse_args(["train", "--recipe", "demo", "--out", str(tmp_path), *flags])
+        return run_settings(args, "cpu")
+
+    assert settings()["compile_augment"] is True and train_config(settings()).compile_mode == "reduce-overhead"
+    overridden = settings("--no-compile-augment", "--compile-mode", "default")
+    assert overridden["compile_augment"] is False and train_config(overridden).compile_mode == "default"
+    assert train_config(run_settings(build_parser().parse_args(["train", "--out", str(tmp_path)]), "cpu")
+                        ).compile_mode is None  # no recipe: torch.compile's default

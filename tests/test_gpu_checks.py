@@ -83,6 +83,7 @@ def test_smoke_run_measures_every_check_and_saves_them(gpu_checks, archive, tmp_
         [(16, None), (16, "reduce-overhead"), (16, None)]
     assert all(run["ms_per_step"] > 0 and len(run["history"]) == 1 for run in runs)  # the smoke recipe: 1 epoch
     assert set(results["pace"]["loader_ms_per_batch"]) == {"16", "16 compiled"}  # the loader alone, both ways
+    assert results["pace"]["augmentation_agreement"]["16"] > 0.999  # compiled = plain augmentation
     [same_run] = [row for row in results["summary"] if "reduce-overhead mode's training loss" in row[1]]
     assert same_run[3:] == ["within 1%", "(smoke)"]  # PASS, shown as (smoke) at these sizes
     # The same seeds, so the same run whatever the batch size's place in the list (on the CPU no mode compiles)
@@ -142,9 +143,10 @@ def test_cifar_check_probes_two_epochs_then_finishes_the_schedule(gpu_checks, ar
     results_path = tmp_path / "results.json"
     assert gpu_checks.main(["--smoke", "--device", "cpu", "--checks", "cifar", "--cifar-epochs", "3",
                             "--cifar-archive", str(archive), "--work-dir", str(tmp_path / "work"),
-                            "--json", str(results_path)]) == 0
+                            "--cifar-set", "compile_augment=true", "--json", str(results_path)]) == 0
     cifar = json.loads(results_path.read_text())["cifar"]
     assert cifar["epochs_done"] == 3 and [r["epoch"] for r in cifar["history"]] == [1, 2, 3]
+    assert cifar["compile_augment"] is True and cifar["recipe"]["compile_augment"] is True  # the recipe's field
     assert not (tmp_path / "work" / "cifar_check_checkpoint.pt").exists()
 
 

@@ -34,7 +34,8 @@ from vit_helpers.model import ViT, ViTConfig  # noqa: E402
 from vit_helpers.recipes import RECIPES, Recipe, get_recipe  # noqa: E402
 
 #: What `--resume` may change; everything else comes from the checkpoint, so the run continues as it began.
-RESUMABLE_FLAGS = ("data", "epochs", "device", "compile", "compile_mode", "num_workers", "cpu_threads")
+RESUMABLE_FLAGS = ("data", "epochs", "device", "compile", "compile_mode", "compile_augment", "num_workers",
+                   "cpu_threads")
 #: The files a finished run writes into OUT besides its checkpoint.
 RESULT_FILES = ("metrics.json", "loss_curves.png", "confusion_matrix.png", "predictions.png")
 
@@ -129,7 +130,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                         help="do not torch.compile the model (it is compiled on CUDA by default)")
-    parser.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--compile-mode", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs: for small "
+                                               "models, whose steps are short enough for kernel launches to matter)")
+    parser.add_argument("--compile-augment", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --cached: run the augmentation through torch.compile (fewer, fused kernels)")
     parser.add_argument("--recipe", help=f"a named configuration: {', '.join(RECIPES)}; flags override it")
     parser.add_argument("--out", required=True, help="folder for checkpoint.pt, metrics.json and the plots")
     parser.add_argument("--resume", action="store_true",
@@ -166,8 +170,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 #: The settings only the command line sets (a recipe has no say in them), with their defaults.
-COMMAND_LINE_DEFAULTS = {"patch_size": None, "num_workers": None, "device": "auto", "seed": 42, "compile": None,
-                         "compile_mode": None}
+COMMAND_LINE_DEFAULTS = {"patch_size": None, "num_workers": None, "device": "auto", "seed": 42, "compile": None}
 #: Recipe fields that describe the recipe itself, not the run.
 RECIPE_ONLY_FIELDS = ("name", "description", "on_gpu")
 
@@ -277,7 +280,8 @@ def build_loaders(settings: dict, device: torch.device):
 
         return make_cached_loaders(settings["data"], image_size=settings["image_size"],
                                    batch_size=settings["batch_size"], device=device, seed=settings["seed"],
-                                   augment=settings["augment"], crop_scale=settings["crop_scale"])
+                                   augment=settings["augment"], crop_scale=settings["crop_scale"],
+                                   compile_augment=settings["compile_augment"])
     return data.make_dataloaders(settings["data"], image_size=settings["image_size"],
                                  batch_size=settings["batch_size"], seed=settings["seed"],
                                  num_workers=settings["num_workers"], augment=settings["augment"],
@@ -300,6 +304,8 @@ def prepare_run(args):
         model_config(settings, num_classes=2)  # checks the model name and sizes before the data is read
         train_config(settings)  # and the optimisation settings
         checked_crop_scale(settings["crop_scale"])
+        if settings["compile_augment"] and not settings["cached"]:
+            raise ValueError("--compile-augment compiles the augmentation of the cached loaders: add --cached.")
         device = training.init_distributed(settings["device"])
         if device.type == "cpu" and settings.get("cpu_threads"):
             torch.set_num_threads(settings["cpu_threads"])

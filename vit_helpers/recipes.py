@@ -35,6 +35,8 @@ class Recipe:
     augment: bool | str = True  # True/"basic": random resized crop + flip; "strong": + RandAugment; False: none
     crop_scale: tuple[float, float] | None = None  # the random crops' share of the area; None: data.RANDOM_CROP_SCALE
     cached: bool = False  # decode once and augment on the device (vit_helpers.gpu_data.make_cached_loaders)
+    compile_augment: bool = False  # with cached: the augmentation through torch.compile (a few fused kernels)
+    compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead" (CUDA graphs); None: default
     cpu_threads: int | None = None  # torch threads when training on the CPU; None leaves PyTorch's default
     checkpoint_every: int = 1  # epochs between checkpoints (the last one is always written)
     on_gpu: dict[str, Any] = field(default_factory=dict)  # fields replaced when training on a CUDA GPU
