@@ -117,8 +117,8 @@ def one_error_line(capsys) -> str:
     (["--cpu-threads", "-1"], "argument --cpu-threads: expected a whole number of at least 1, got '-1'"),
     (["--cpu-threads", "0"], "argument --cpu-threads: expected a whole number of at least 1, got '0'"),
     (["--stop-after-epoch", "0"], "argument --stop-after-epoch: expected a whole number of at least 1, got '0'"),
-    (["--compile-augment", "--no-cached"], "--compile-augment compiles the augmentation of the cached loaders: "
-                                            "add --cached"),
+    (["--compile-augment", "--no-cached"], "--compile-augment compiles the cached loaders' augmentation, and this "
+                                            "run does not use them: add --cached (a new run) or --no-compile-augment"),
 ])
 def test_bad_arguments_give_one_line_and_exit_code_2(tiny_folder, tmp_path, capsys, extra, message):
     assert main(train_args(tiny_folder, tmp_path / "run", *extra)) == 2

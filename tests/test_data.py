@@ -503,15 +503,48 @@ def test_compiled_device_augmentation_equals_the_plain_one(policy):
 
 
 def test_an_augmentation_that_fails_to_compile_warns_and_runs_plain(monkeypatch):
-    def broken_compile(function, **options):
-        def run(*args):
-            raise RuntimeError("no compiler here")
-        return run
+    def broken(*args):
+        raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(gpu_data, "compiled_augment_on_device", lambda: broken)
     augment = gpu_data.DeviceAugment("strong", compile=True)
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    with pytest.warns(UserWarning, match="compiling the augmentation failed .*no compiler here"):
+    with pytest.warns(UserWarning, match="compiling the augmentation failed, so it runs uncompiled .*no compiler here"):
         out = augment(images, torch.Generator().manual_seed(0))
     expected = gpu_data.DeviceAugment("strong")(images, torch.Generator().manual_seed(0))
     assert torch.equal(out, expected) and augment.compiled is None
+
+
+def test_a_compiled_augmentation_raises_what_is_not_the_compilers_doing(monkeypatch):
+    """After a batch ran compiled, an error is the batch's (memory, input), not the compiler's: raised, not hidden
+    behind a fall-back that would redo the batch uncompiled. Running out of memory is never the compiler's."""
+    calls = []
+
+    def first_works_then_fails(*args):
+        calls.append(len(calls))
+        if len(calls) > 1:
+            raise RuntimeError("a later batch's own error")
+        return gpu_data.augment_on_device(*args)
+
+    monkeypatch.setattr(gpu_data, "compiled_augment_on_device", lambda: first_works_then_fails)
+    augment = gpu_data.DeviceAugment("basic", compile=True)
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    augment(images, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="a later batch's own error"):
+        augment(images, torch.Generator().manual_seed(1))
+    assert augment.compiled is first_works_then_fails  # still compiled
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gpu_data, "compiled_augment_on_device", lambda: out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        gpu_data.DeviceAugment("basic", compile=True)(images, torch.Generator().manual_seed(0))
+
+
+def test_every_compiled_augmentation_shares_one_compiled_function():
+    """Loaders built again and again (a notebook, the pace check) reuse one compiled function, whose graphs depend
+    on the tensors alone, instead of compiling one more per DeviceAugment up to torch.compile's limit."""
+    first, second = gpu_data.DeviceAugment("basic", compile=True), gpu_data.DeviceAugment("strong", compile=True)
+    assert first.compiled is second.compiled is gpu_data.compiled_augment_on_device()
+    assert gpu_data.DeviceAugment("none", compile=True).compiled is None  # nothing to compile

@@ -133,7 +133,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-mode", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs: for small "
                                                "models, whose steps are short enough for kernel launches to matter)")
     parser.add_argument("--compile-augment", action=argparse.BooleanOptionalAction, default=None,
-                        help="with --cached: run the augmentation through torch.compile (fewer, fused kernels)")
+                        help="with --cached: run the augmentation through torch.compile (fewer, fused kernels; "
+                             "nothing to compile with --augment none)")
     parser.add_argument("--recipe", help=f"a named configuration: {', '.join(RECIPES)}; flags override it")
     parser.add_argument("--out", required=True, help="folder for checkpoint.pt, metrics.json and the plots")
     parser.add_argument("--resume", action="store_true",
@@ -305,7 +306,8 @@ def prepare_run(args):
         train_config(settings)  # and the optimisation settings
         checked_crop_scale(settings["crop_scale"])
         if settings["compile_augment"] and not settings["cached"]:
-            raise ValueError("--compile-augment compiles the augmentation of the cached loaders: add --cached.")
+            raise ValueError("--compile-augment compiles the cached loaders' augmentation, and this run does not "
+                             "use them: add --cached (a new run) or --no-compile-augment.")
         device = training.init_distributed(settings["device"])
         if device.type == "cpu" and settings.get("cpu_threads"):
             torch.set_num_threads(settings["cpu_threads"])

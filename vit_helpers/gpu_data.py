@@ -28,6 +28,7 @@ The differences from torchvision's RandAugment, small for training:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -257,21 +258,23 @@ class DeviceAugment:
     `compile=True` runs the device part (resampling, colour ops, normalisation) through `torch.compile`: a few
     fused kernels instead of about 150 small ones per strong batch, which matters where launching kernels, not
     arithmetic, bounds a step (a small model at 32 px). The first batch compiles it; if that fails, a warning says
-    why and the plain version is used from then on. Results equal the plain version's to float rounding.
+    why and the plain version is used from then on (an error in a later batch is raised as it is). Results equal
+    the plain version's to float rounding. With policy "none" there is nothing to compile.
     """
 
     def __init__(self, policy: str = "basic", mean=NORMALIZE_MEAN, std=NORMALIZE_STD, scale=None,
                  compile: bool = False):
         self.policy, self.scale = _augment_policy(policy), checked_crop_scale(scale)
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-        self.compiled = torch.compile(self._on_device, dynamic=False) if compile and self.policy != "none" else None
+        self.compiled = compiled_augment_on_device() if compile and self.policy != "none" else None
+        self._compiled_ran = False  # after one batch ran compiled, its errors are real errors, not the compiler's
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         device = images.device
         if self.mean.device != device:
             self.mean, self.std = send(self.mean, device), send(self.std, device)
         if self.policy == "none":
-            return self._on_device(images, None, None)
+            return augment_on_device(images, None, None, self.mean, self.std)
         batch = len(images)
         crops = crop_flip_matrices(batch, generator, self.scale)
         if self.policy != "strong":
@@ -285,24 +288,39 @@ class DeviceAugment:
             ops_and_signs = send(torch.stack([ops.float(), signs]), device)  # (2, 2, B)
         if self.compiled is not None:
             try:
-                return self.compiled(images, matrices, ops_and_signs)
-            except Exception as error:  # a compiler that cannot build it here: the plain version, said once
-                warnings.warn(f"compiling the augmentation failed ({type(error).__name__}: {str(error)[:200]}); "
-                              "using the uncompiled version.", stacklevel=2)
+                out = self.compiled(images, matrices, ops_and_signs, self.mean, self.std)
+            except Exception as error:
+                if self._compiled_ran or isinstance(error, torch.OutOfMemoryError):
+                    raise  # not the compiler's doing: the plain version would fail the same way
+                warnings.warn(f"compiling the augmentation failed, so it runs uncompiled ({type(error).__name__}: "
+                              f"{error})", stacklevel=2)
                 self.compiled = None
-        return self._on_device(images, matrices, ops_and_signs)
+            else:
+                self._compiled_ran = True
+                return out
+        return augment_on_device(images, matrices, ops_and_signs, self.mean, self.std)
 
-    def _on_device(self, images: torch.Tensor, matrices: torch.Tensor | None,
-                   ops_and_signs: torch.Tensor | None) -> torch.Tensor:
-        """The arithmetic on the device: `matrices` (1 or 3, B, 3, 3): the crops, then the two geometric ops;
-        `ops_and_signs` (2, 2, B): the strong policy's ops and signs as floats (None for "basic")."""
-        x = images.float().div_(255)
-        if matrices is not None:
-            x = warp(x, matrices[0], tuple(matrices[1:]))
-        if ops_and_signs is not None:
-            ops, signs = ops_and_signs[0].long(), ops_and_signs[1]
-            x = colour_ops(colour_ops(x, ops[0], signs[0]), ops[1], signs[1])
-        return (x - self.mean) / self.std
+
+def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_and_signs: torch.Tensor | None,
+                      mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """`DeviceAugment`'s arithmetic on the device: uint8 `images` (B, 3, S, S) -> float32, resampled through
+    `matrices` ((1 or 3, B, 3, 3): the crops, then the two geometric ops; None: no resampling), recoloured by
+    `ops_and_signs` ((2, 2, B): the strong policy's two ops and their signs, as floats; None: none), normalised."""
+    x = images.float().div_(255)
+    if matrices is not None:
+        x = warp(x, matrices[0], tuple(matrices[1:]))
+    if ops_and_signs is not None:
+        ops, signs = ops_and_signs[0].long(), ops_and_signs[1]
+        x = colour_ops(colour_ops(x, ops[0], signs[0]), ops[1], signs[1])
+    return (x - mean) / std
+
+
+@functools.cache
+def compiled_augment_on_device():
+    """One compiled `augment_on_device` for every DeviceAugment of the process: it depends on its tensors alone,
+    so loaders built again (a notebook, the pace check) reuse its graphs instead of compiling one more each time
+    (past torch.compile's limit of 8 per function it would quietly run uncompiled)."""
+    return torch.compile(augment_on_device, dynamic=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
