@@ -84,8 +84,9 @@ def test_smoke_run_measures_every_check_and_saves_them(gpu_checks, archive, tmp_
     assert all(run["ms_per_step"] > 0 and len(run["history"]) == 1 for run in runs)  # the smoke recipe: 1 epoch
     assert set(results["pace"]["loader_ms_per_batch"]) == {"16", "16 compiled"}  # the loader alone, both ways
     assert results["pace"]["augmentation_agreement"]["16"] > 0.999  # compiled = plain augmentation
-    [same_run] = [row for row in results["summary"] if "reduce-overhead mode's training loss" in row[1]]
-    assert same_run[3:] == ["within 1%", "(smoke)"]  # PASS, shown as (smoke) at these sizes
+    [same_run] = [row for row in results["summary"] if "reduce-overhead mode's run vs default" in row[1]]
+    assert same_run[3:] == ["loss 1%, acc 0.01, weights 5%", "(smoke)"]  # a verdict, shown as (smoke) here
+    assert runs[1]["weights_relative_difference"] == 0.0  # on the CPU no mode compiles: the very same run
     # The same seeds, so the same run whatever the batch size's place in the list (on the CPU no mode compiles)
     assert len({(run["train_loss"], run["test_accuracy"]) for run in runs}) == 1
     checks = {row[0] for row in results["summary"]}
@@ -101,16 +102,22 @@ def test_smoke_run_measures_every_check_and_saves_them(gpu_checks, archive, tmp_
         [row[0] for row in results["summary"]]
 
 
-def test_pace_rows_flag_a_mode_whose_training_loss_differs(gpu_checks):
-    runs = [{"batch_size": 512, "compile_mode": None, "train_loss": 2.000},
-            {"batch_size": 512, "compile_mode": "reduce-overhead", "train_loss": 2.015},  # 0.75%: rounding
-            {"batch_size": 2048, "compile_mode": None, "train_loss": 2.300},  # another batch size: no pair
+def test_pace_rows_flag_a_mode_that_trains_differently(gpu_checks):
+    def run(batch, mode, loss=2.0, train_acc=0.30, test_acc=0.35, weights=0.0):
+        return {"batch_size": batch, "compile_mode": mode, "train_loss": loss, "train_accuracy": train_acc,
+                "test_accuracy": test_acc, "weights_relative_difference": weights}
+
+    runs = [run(512, None),
+            run(512, "reduce-overhead", loss=2.015, train_acc=0.305, weights=0.004),  # rounding
+            run(2048, None, loss=2.3),  # another batch size: nothing to compare with
             {"batch_size": 2048, "compile_mode": "reduce-overhead", "error": "BackendCompilerFailed: ..."},
-            {"batch_size": 512, "compile_mode": "max-autotune", "train_loss": 2.100}]  # 5%: not the same run
+            run(512, "max-autotune", loss=2.1),  # 5% off in loss
+            run(512, "max-autotune", test_acc=0.25),  # an evaluation graph that read old weights
+            run(512, "max-autotune", weights=0.3)]  # stale gradients: same loss, other weights
     rows = gpu_checks.same_run_in_every_mode(runs)
-    assert [(row[1].split(":")[1].split()[0], row[4]) for row in rows] == [("reduce-overhead", "PASS"),
-                                                                           ("max-autotune", "FAIL")]
-    assert all(row[1].startswith("batch 512:") and row[1].endswith("vs default mode's") for row in rows)
+    assert [row[4] for row in rows] == ["PASS", "FAIL", "FAIL", "FAIL"]
+    assert all(row[1].startswith("batch 512: ") and row[1].endswith("vs default mode's") for row in rows)
+    assert rows[0][2] == "loss 0.75%, acc 0.005/0.000, weights 0.40% apart"
 
 
 def test_the_default_checks_fit_one_device_command_and_all_means_all(gpu_checks):

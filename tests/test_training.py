@@ -577,3 +577,24 @@ def test_one_named_gpu_for_every_process_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ValueError, match="every process on one GPU.*LOCAL_RANK"):
         init_distributed("cuda:0")
+
+
+def test_cuda_graphs_under_ddp_are_said_to_be_untested(monkeypatch):
+    monkeypatch.setattr(training, "DistributedDataParallel", lambda model, device_ids=None: model)  # no group here
+    config = TrainConfig(compile=True, compile_mode="reduce-overhead", device="cpu")
+    with pytest.warns(UserWarning, match="not tested under DistributedDataParallel"):
+        training._wrap_for_training(nn.Linear(2, 2), torch.device("cpu"), config, world_size=2)
+
+
+def test_an_epoch_frees_its_last_gradients_before_the_evaluation():
+    """Nothing may read the last step's gradients after the epoch: under CUDA graphs (compile mode
+    reduce-overhead) the evaluation's graphs may reuse their memory. Freed, they cannot be read."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    loader = DataLoader(TensorDataset(torch.randn(8, 3, 2, 2), torch.randint(0, 2, (8,))), batch_size=4)
+    config = TrainConfig(device="cpu", compile=False)
+    optimizer = training.build_optimizer(model, config, torch.device("cpu"))
+    scheduler = training.build_scheduler(optimizer, 0, 10)
+    tally = training.train_one_epoch(model, loader, optimizer, scheduler, nn.CrossEntropyLoss(), torch.device("cpu"),
+                                     config, progress=False)
+    assert tally.step == 2 and scheduler.last_epoch == 2  # it trained
+    assert all(parameter.grad is None for parameter in model.parameters())

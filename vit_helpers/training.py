@@ -31,6 +31,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -390,6 +391,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     finally:
         bar.close()
     tally.seconds = time.perf_counter() - started
+    # The last step's gradients are done with. Freed now, they cannot be read after the evaluation that follows
+    # (whose CUDA graphs, compile mode reduce-overhead, may reuse their memory), and the memory is free for it.
+    optimizer.zero_grad(set_to_none=True)
     return tally
 
 
@@ -711,6 +715,10 @@ def _wrap_for_training(model, device, config, world_size):
     compile_model = config.compile if config.compile is not None else device.type == "cuda"
     if not compile_model:
         return train_model, model
+    if world_size > 1 and config.compile_mode in ("reduce-overhead", "max-autotune"):
+        warnings.warn(f"compile_mode={config.compile_mode!r} replays CUDA graphs, which this project has not tested "
+                      "under DistributedDataParallel; if training fails or diverges, use the default mode.",
+                      stacklevel=3)
     # dynamic=False: one static graph per batch shape (the full batches, then the last, smaller test batch).
     # Otherwise the second shape seen makes the compiler regenerate the graph with symbolic sizes, slower kernels.
     return (torch.compile(train_model, mode=config.compile_mode, dynamic=False),
