@@ -598,3 +598,16 @@ def test_an_epoch_frees_its_last_gradients_before_the_evaluation():
                                      config, progress=False)
     assert tally.step == 2 and scheduler.last_epoch == 2  # it trained
     assert all(parameter.grad is None for parameter in model.parameters())
+
+
+@pytest.mark.parametrize("compile_model", [True, False])
+def test_each_compiled_call_is_marked_as_a_new_iteration_for_cuda_graphs(monkeypatch, compile_model):
+    """With CUDA graphs (compile mode reduce-overhead) a replay overwrites the last one's outputs; the engine marks
+    every compiled training step and evaluation batch as a new iteration, so that PyTorch replays its graphs
+    instead of refusing or falling back. An uncompiled model needs no marks."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    train_loader, test_loader = loaders(train_size=64, batch_size=16)  # 4 training steps, 2 test batches
+    config = TrainConfig(epochs=1, device="cpu", compile=compile_model)
+    fit(tiny_vit(), train_loader, test_loader, config=config, progress=False)
+    assert len(marks) == (len(train_loader) + len(test_loader) if compile_model else 0)
