@@ -13,13 +13,14 @@ Checks (`--checks`, comma-separated, or all; matmul,models,data by default):
           and compiled; the aim compiled is 1.10)
   data    the data fast path: end-to-end training images/s at 224 px from a folder of JPEGs through
           `make_cached_loaders` (decoded once, augmented on the GPU), against synthetic input. Target: >= 90%.
-  pace    where the cifar10 recipe's time goes, in about two minutes: for each batch size and torch.compile mode
+  pace    where the cifar10 recipe's time goes, in about three minutes: for each batch size and torch.compile mode
           of --pace-runs (default 512, 512 with CUDA graphs, 2048), two epochs of the recipe's schedule with the
           real cached loaders: ms per training step, training img/s, seconds per epoch with the evaluation,
           the first epoch's (the compilations), and whether CUDA graphs were skipped where the mode asked for
           them; each mode's run against the first of its batch size (the same seeds: the same weights, loss and
           accuracies to rounding, or a FAIL); the augmentation alone, plain and compiled, ms per batch, and
-          whether the two agree. It says which batch size and mode to give the cifar check.
+          whether the two agree. Its last line suggests the cifar check's --cifar-set flags
+          (`suggest_cifar_settings` has the rule).
   cifar   the `cifar10` recipe under a time budget: test accuracy and wall time. Target: >= 90% in 10 minutes.
           Not in the default set: it takes the whole budget, longer than one device command may run beside the rest.
           It trains two epochs first; if the whole schedule cannot fit the budget at that pace, it shortens the
@@ -396,6 +397,7 @@ def check_pace(args, device, results) -> list[tuple]:
                                                                      else "cifar10-jpeg"),
                                 train_per_class=per_class, test_per_class=per_class)
     rows, runs, loader_ms, agreements, reference_weights = [], [], {}, {}, {}
+    augment_fell_back = False
     compile_augment = args.compile_augment or recipe.compile_augment
     # Filled in as the runs go, and saved after each: a command cut short keeps the runs it finished.
     results["pace"] = {"recipe": asdict(recipe), "loader_ms_per_batch": loader_ms,
@@ -415,6 +417,7 @@ def check_pace(args, device, results) -> list[tuple]:
                     warnings.simplefilter("always")
                     loader_ms[key] = loader_milliseconds_per_batch(loader, device)
                 fell_back = compiled and loader.augment.compiled is None
+                augment_fell_back = augment_fell_back or fell_back
                 note = f" (compiling failed: {caught[0].message})"[:100] if fell_back and caught else ""
                 rows.append(("pace", f"{recipe.augment} augmentation alone, batch {key}",
                              f"{loader_ms[key]:.2f} ms/batch{note}", "", "FAIL" if fell_back else ""))
@@ -474,7 +477,58 @@ def check_pace(args, device, results) -> list[tuple]:
                      "", ""))
         if args.json:
             save_results(args.json, results)
-    return rows + same_run_in_every_mode(runs)
+    comparisons = same_run_in_every_mode(runs)
+    suggestion, why = suggest_cifar_settings(runs, comparisons, agreements, loader_ms, augment_fell_back,
+                                             recipe)
+    results["pace"]["suggested_cifar_settings"] = {"flags": suggestion, "why": why}
+    print(f"pace: for the cifar check: {suggestion or '(no run)'}  ({why})", flush=True)
+    return rows + comparisons + [("pace", "for the cifar check", suggestion or "(no run)", "", "")]
+
+
+#: What the pace check's runs must show for the cifar check to take their settings.
+GRAPHS_SPEEDUP, LARGE_BATCH_SPEEDUP = 1.5, 2.0
+
+
+def suggest_cifar_settings(runs: list[dict], comparisons: list[tuple], agreements: dict, loader_ms: dict,
+                           augment_fell_back: bool, recipe) -> tuple[str, str]:
+    """(the cifar check's --cifar-set flags, why), from the pace check's runs; ("", why) where the cifar run should
+    not be spent (the recipe's batch in the default mode, the measured path, failed). The rule, in order:
+    - the recipe's batch with CUDA graphs (reduce-overhead), if it trained the same as the default mode and at
+      least GRAPHS_SPEEDUP times as fast: the recipe's batch and learning rate, more steps;
+    - else the largest batch run in the default mode, if at least LARGE_BATCH_SPEEDUP times as fast: the learning
+      rate scaled by the square root of the batch, the warm-up as many steps as the recipe's;
+    - else neither buys time, and the run is spent on a new data point: the basic augmentation (crop and flip),
+      which a probe in issue 5 saw reach 81% in 2 minutes, against the strong policy's 74% in 7.4.
+    The compiled augmentation is added where it equalled the plain one, compiled without falling back, and was
+    faster. Every branch asks for 1000 epochs: the cifar check shortens the schedule to what fits its budget."""
+    done = {(run["batch_size"], run["compile_mode"]): run for run in runs if "error" not in run}
+    batch = min((run["batch_size"] for run in runs), key=lambda size: abs(size - recipe.batch_size), default=None)
+    default = done.get((batch, None))
+    if default is None:
+        return "", f"batch {batch} in the default mode failed or did not run: fix that first"
+    speed = default["train_images_per_second"]
+    graphs = done.get((batch, "reduce-overhead"))
+    larger = [run for (size, mode), run in done.items() if mode is None and size > batch]
+    large = max(larger, key=lambda run: run["batch_size"], default=None)
+    graphs_same = any(row[1].startswith(f"batch {batch}: reduce-overhead mode's run") and row[4] == "PASS"
+                      for row in comparisons)
+    augment = (not augment_fell_back and agreements.get(batch, 0) >= 0.999
+               and loader_ms.get(f"{batch} compiled", float("inf")) < loader_ms.get(f"{batch}", 0))
+    flags = ["--cifar-set epochs=1000"]
+    if graphs and graphs_same and graphs["train_images_per_second"] >= GRAPHS_SPEEDUP * speed:
+        flags.append("--cifar-set compile_mode=reduce-overhead")
+        why = f"CUDA graphs: {graphs['train_images_per_second'] / speed:.2f}x the default mode's img/s, same run"
+    elif large and large["train_images_per_second"] >= LARGE_BATCH_SPEEDUP * speed:
+        scale = large["batch_size"] / batch
+        flags += [f"--cifar-set batch_size={large['batch_size']}", f"--cifar-set lr={recipe.lr * scale ** 0.5:.3g}",
+                  f"--cifar-set warmup_epochs={recipe.warmup_epochs * scale:g}"]
+        why = f"batch {large['batch_size']}: {large['train_images_per_second'] / speed:.2f}x batch {batch}'s img/s"
+    else:
+        flags.append("--cifar-set augment=basic")
+        why = "neither CUDA graphs nor a larger batch bought enough time: a new data point, the basic augmentation"
+    if augment:
+        flags.append("--cifar-set compile_augment=true")
+    return " ".join(flags), why + ("; augmentation compiled" if augment else "; augmentation plain")
 
 
 def same_run_in_every_mode(runs: list[dict]) -> list[tuple]:

@@ -87,6 +87,8 @@ def test_smoke_run_measures_every_check_and_saves_them(gpu_checks, archive, tmp_
     [same_run] = [row for row in results["summary"] if "reduce-overhead mode's run vs default" in row[1]]
     assert same_run[3:] == ["loss 1%, acc 0.01, weights 5%", "(smoke)"]  # a verdict, shown as (smoke) here
     assert runs[1]["weights_relative_difference"] == 0.0  # on the CPU no mode compiles: the very same run
+    suggested = results["pace"]["suggested_cifar_settings"]  # nothing is faster on the CPU: the third branch
+    assert suggested["flags"].startswith("--cifar-set epochs=1000 --cifar-set augment=basic")
     # The same seeds, so the same run whatever the batch size's place in the list (on the CPU no mode compiles)
     assert len({(run["train_loss"], run["test_accuracy"]) for run in runs}) == 1
     checks = {row[0] for row in results["summary"]}
@@ -118,6 +120,36 @@ def test_pace_rows_flag_a_mode_that_trains_differently(gpu_checks):
     assert [row[4] for row in rows] == ["PASS", "FAIL", "FAIL", "FAIL"]
     assert all(row[1].startswith("batch 512: ") and row[1].endswith("vs default mode's") for row in rows)
     assert rows[0][2] == "loss 0.75%, acc 0.005/0.000, weights 0.40% apart"
+
+
+def test_pace_suggests_the_cifar_settings_by_its_rule(gpu_checks):
+    from vit_helpers.recipes import get_recipe
+
+    recipe = get_recipe("cifar10", "cuda")  # batch 512, lr 1e-3, 5 warm-up epochs
+
+    def run(batch, mode, speed):
+        return {"batch_size": batch, "compile_mode": mode, "train_images_per_second": speed, "train_loss": 2.0,
+                "train_accuracy": 0.3, "test_accuracy": 0.35, "weights_relative_difference": 0.0}
+
+    def suggest(runs, agreement=1.0, ms=(5.0, 1.0), fell_back=False):
+        comparisons = gpu_checks.same_run_in_every_mode(runs)
+        return gpu_checks.suggest_cifar_settings(runs, comparisons, {512: agreement},
+                                                 {"512": ms[0], "512 compiled": ms[1]}, fell_back, recipe)
+
+    graphs, why = suggest([run(512, None, 23000), run(512, "reduce-overhead", 80000), run(2048, None, 60000)])
+    assert graphs == ("--cifar-set epochs=1000 --cifar-set compile_mode=reduce-overhead "
+                      "--cifar-set compile_augment=true") and why.startswith("CUDA graphs: 3.48x")
+    stale = run(512, "reduce-overhead", 80000) | {"weights_relative_difference": 0.3}  # fast but not the same run
+    large, why = suggest([run(512, None, 23000), stale, run(2048, None, 60000)], agreement=0.9)
+    assert large == ("--cifar-set epochs=1000 --cifar-set batch_size=2048 --cifar-set lr=0.002 "
+                     "--cifar-set warmup_epochs=20") and why.endswith("augmentation plain")  # 0.9: disagreed
+    neither, _ = suggest([run(512, None, 23000), run(512, "reduce-overhead", 30000), run(2048, None, 40000)],
+                         ms=(1.0, 5.0))  # and the compiled augmentation was slower
+    assert neither == "--cifar-set epochs=1000 --cifar-set augment=basic"
+    assert suggest([run(512, None, 23000), run(2048, None, 90000)], fell_back=True)[0].endswith("warmup_epochs=20")
+    failed = {"batch_size": 512, "compile_mode": None, "error": "BackendCompilerFailed: ..."}
+    assert suggest([failed, run(2048, None, 90000)]) == ("", "batch 512 in the default mode failed or did not run: "
+                                                             "fix that first")
 
 
 def test_the_default_checks_fit_one_device_command_and_all_means_all(gpu_checks):
