@@ -173,6 +173,7 @@ def make_step(model: nn.Module, mode: str, batch_size: int, config: ViTConfig, d
     def mark_new_iteration():  # as the training engine does: CUDA graphs (mode reduce-overhead) reuse outputs
         if compile_model:
             torch.compiler.cudagraph_mark_step_begin()
+
     if mode == "inference":
         model.eval()
 
