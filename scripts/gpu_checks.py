@@ -432,8 +432,9 @@ def check_pace(args, device, results) -> list[tuple]:
         config = recipe.train_config(epochs=args.cifar_epochs or recipe.epochs, batch_size=batch,
                                      device=str(device), compile_mode=mode,
                                      compile=False if args.no_compiled else None, checkpoint_every=10 ** 6)
-        name = f"batch {batch}, {mode or 'default'} mode" if config.compile is not False and device.type == "cuda" \
-            else f"batch {batch}, eager"
+        compiling = config.compile is not False and device.type == "cuda"  # as fit decides
+        name = f"batch {batch}, {mode or 'default'} mode" if compiling \
+            else f"batch {batch}, eager" + (f" (not {mode}: a CUDA mode)" if mode else "")
         name += ", augmentation compiled" if compile_augment else ""
         skipped_before = counters["inductor"]["cudagraph_skips"]
         try:
@@ -471,7 +472,7 @@ def check_pace(args, device, results) -> list[tuple]:
                                    f"{last['seconds']:.2f} s/epoch"
                      + (f"; CUDA graphs skipped for {run['cudagraph_skips']} graphs (the log says why)"
                         if graphs_skipped else ""), "", "FAIL" if graphs_skipped else ""))
-        first = "epoch 1 (compiling)" if "mode" in name else "epoch 1"
+        first = "epoch 1 (compiling)" if compiling else "epoch 1"
         rows.append(("pace", f"{name}: {first}; after {len(history)}",
                      f"{history[0]['seconds']:.1f} s; loss {last['train_loss']:.3f}, acc {last['test_accuracy']:.3f}",
                      "", ""))
