@@ -94,7 +94,7 @@ def test_augmentation_on_the_gpu_equals_the_same_augmentation_on_the_cpu():
 def test_training_with_cuda_graphs_matches_the_default_compiled_run():
     """compile_mode="reduce-overhead" replays CUDA graphs of the same kernels, whose outputs the next replay
     overwrites (the engine marks each step): the same losses and weights as the default mode, not a run that
-    quietly read stale gradients or logits. The one test here that compiles (a minute or so)."""
+    quietly read stale gradients or logits. It compiles the tiny model twice (a minute or so)."""
     runs = {}
     for mode in (None, "reduce-overhead"):
         model = tiny_vit()

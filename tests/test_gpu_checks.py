@@ -178,7 +178,7 @@ def test_recipe_changes_are_parsed_as_the_fields_types(gpu_checks, capsys):
     assert "no field 'learning_rate'" in capsys.readouterr().err
 
 
-def test_cifar_check_probes_two_epochs_then_finishes_the_schedule(gpu_checks, archive, tmp_path):
+def test_cifar_check_probes_then_finishes_the_schedule(gpu_checks, archive, tmp_path):
     results_path = tmp_path / "results.json"
     assert gpu_checks.main(["--smoke", "--device", "cpu", "--checks", "cifar", "--cifar-epochs", "3",
                             "--cifar-archive", str(archive), "--work-dir", str(tmp_path / "work"),
@@ -196,7 +196,9 @@ def test_cifar_check_stops_after_the_probe_when_the_schedule_cannot_fit(gpu_chec
                      "--json", str(results_path)])
     saved = json.loads(results_path.read_text())
     cifar = saved["cifar"]
-    assert cifar["epochs_done"] == 2 and cifar["projected_seconds"] > 3  # 500 epochs cannot fit in 3 s
+    # The probe: the first 4 of the recipe's 5 warm-up epochs (the pace is the median of epochs 2-4)
+    assert cifar["epochs_done"] == 4 and cifar["projected_seconds"] > 3  # 500 epochs cannot fit in 3 s
+    assert cifar["seconds_per_epoch"] == sorted(r["seconds"] for r in cifar["history"][1:])[1]
     assert cifar["epochs_that_fit"] < 500
     assert "projected" in saved["summary"][0][1] and "epochs that fit" in saved["summary"][1][1]
 

@@ -2,8 +2,9 @@
 
 A recipe fixes the model (a `ViTConfig.named` name plus overrides), the image size, the optimisation
 (epochs, batch size, learning rate, weight decay, warm-up, label smoothing), the augmentation, whether the
-images are cached on the device, and how it is compiled (`compile_mode`, `compile_augment`). Flags given on the command line override the recipe's values; `--model` with
-another model replaces the recipe's model, `model_overrides` included.
+images are cached on the device, and how it is compiled (`compile_mode`, `compile_augment`). Flags given on the
+command line override the recipe's values; `--model` with another model replaces the recipe's model,
+`model_overrides` included.
 """
 
 from __future__ import annotations
