@@ -30,7 +30,7 @@ from torch import nn
 
 from vit_helpers.files import atomic_write
 from vit_helpers.model import ViT, ViTConfig
-from vit_helpers.training import resolve_device
+from vit_helpers.training import mark_new_iteration, resolve_device
 
 #: "ours-all-tokens" is our ViT computing every token in the last layer, as timm and torchvision do: measured beside
 #: "ours", it shows how much of our speed comes from skipping what Eq. 4 never reads (`ViT.forward`).
@@ -169,16 +169,11 @@ def make_step(model: nn.Module, mode: str, batch_size: int, config: ViTConfig, d
     labels = torch.randint(0, config.num_classes, (batch_size,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     forward = torch.compile(model, mode=compile_mode) if compile_model else model
-
-    def mark_new_iteration():  # as the training engine does: CUDA graphs (mode reduce-overhead) reuse outputs
-        if compile_model:
-            torch.compiler.cudagraph_mark_step_begin()
-
     if mode == "inference":
         model.eval()
 
         def step():
-            mark_new_iteration()
+            mark_new_iteration(forward)  # as the training engine does: CUDA graphs (reduce-overhead) reuse outputs
             with torch.inference_mode(), autocast:
                 forward(images)
 
@@ -188,7 +183,7 @@ def make_step(model: nn.Module, mode: str, batch_size: int, config: ViTConfig, d
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        mark_new_iteration()
+        mark_new_iteration(forward)
         with autocast:
             loss = F.cross_entropy(forward(images).float(), labels)
         loss.backward()

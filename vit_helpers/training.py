@@ -399,7 +399,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
 
 def _train_step(model, images, targets, optimizer, scheduler, loss_fn, device, config):
     optimizer.zero_grad(set_to_none=True)  # frees the gradients instead of writing zeros into them
-    _mark_new_iteration(model)
+    mark_new_iteration(model)
     with _autocast(device, config.amp):
         logits = model(images)  # (batch, num_classes)
     loss = loss_fn(logits.float(), targets)  # targets: class indices, or probabilities after mixing
@@ -411,7 +411,7 @@ def _train_step(model, images, targets, optimizer, scheduler, loss_fn, device, c
     return loss.detach(), logits.detach(), gradient_norm
 
 
-def _mark_new_iteration(model: nn.Module) -> None:
+def mark_new_iteration(model: nn.Module) -> None:
     """Before each call of a compiled model: with CUDA graphs (compile modes "reduce-overhead", "max-autotune") a
     call's outputs live in memory the next replay writes over, and this tells PyTorch that the last step's outputs
     are done with, so it can replay its graphs instead of falling back to slower paths. Harmless without them."""
@@ -464,7 +464,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str | None = None,
             # GPU). In eval mode every image's logits depend on that image alone, so the padding changes nothing.
             padding = images[:1].expand(full_batch - len(images), *images.shape[1:])
             images = torch.cat([images, padding])
-        _mark_new_iteration(model)
+        mark_new_iteration(model)
         with _autocast(device, amp):
             logits = model(images)[:len(labels)]
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
