@@ -113,9 +113,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(repeatable): for tuning it on short runs")
     parser.add_argument("--pace-runs", default="512,512:reduce-overhead,2048", type=parse_pace_runs,
                         help="for the pace check: comma-separated BATCH or BATCH:COMPILE_MODE (default: %(default)s)")
-    parser.add_argument("--compile-augment", action="store_true",
-                        help="pace and cifar checks: train with the augmentation compiled (DeviceAugment(compile=True))"
-                             " also where the recipe does not (--cifar-set compile_augment=true does the same)")
     parser.add_argument("--compile-mode", help="torch.compile mode for the compiled runs of the models, data and "
                                                "cifar checks (cifar: instead of the recipe's; pace's runs name their "
                                                "own in --pace-runs), e.g. "
@@ -399,10 +396,17 @@ def check_pace(args, device, results) -> list[tuple]:
                                 train_per_class=per_class, test_per_class=per_class)
     rows, runs, loader_ms, agreements, reference_weights = [], [], {}, {}, {}
     augment_fell_back = False
-    compile_augment = args.compile_augment or recipe.compile_augment
+    compile_augment = recipe.compile_augment  # --cifar-set compile_augment=true
     # Filled in as the runs go, and saved after each: a command cut short keeps the runs it finished.
     results["pace"] = {"recipe": asdict(recipe), "loader_ms_per_batch": loader_ms,
                        "augmentation_agreement": agreements, "runs": runs}
+
+    def record_suggestion():  # after every run, so a command cut off by its time limit still leaves one
+        flags, why = suggest_cifar_settings(runs, agreements, loader_ms, augment_fell_back, recipe)
+        results["pace"]["suggested_cifar_settings"] = {"flags": flags, "why": why}
+        if args.json:
+            save_results(args.json, results)
+
     for batch, mode in args.pace_runs:
         batch = min(batch, 16) if args.smoke else batch
         torch._dynamo.reset()  # each run compiles afresh, as the cifar check would
@@ -445,8 +449,7 @@ def check_pace(args, device, results) -> list[tuple]:
             traceback.print_exc()
             runs.append({"batch_size": batch, "compile_mode": mode, "error": f"{type(error).__name__}: {error}"})
             rows.append(("pace", name, f"failed: {type(error).__name__}: {error}"[:100], "", "FAIL"))
-            if args.json:
-                save_results(args.json, results)
+            record_suggestion()
             continue
         last = history[-1]
         if compile_augment and train_loader.augment.compiled is None:
@@ -479,17 +482,10 @@ def check_pace(args, device, results) -> list[tuple]:
         rows.append(("pace", f"{name}: {first}; after {len(history)}",
                      f"{history[0]['seconds']:.1f} s; loss {last['train_loss']:.3f}, acc {last['test_accuracy']:.3f}",
                      "", ""))
-        # The suggestion so far, saved with each run: a command cut off by its time limit still leaves one.
-        results["pace"]["suggested_cifar_settings"] = dict(zip(("flags", "why"), suggest_cifar_settings(
-            runs, same_run_in_every_mode(runs), agreements, loader_ms, augment_fell_back, recipe)))
-        if args.json:
-            save_results(args.json, results)
-    comparisons = same_run_in_every_mode(runs)
-    suggestion, why = suggest_cifar_settings(runs, comparisons, agreements, loader_ms, augment_fell_back,
-                                             recipe)
-    results["pace"]["suggested_cifar_settings"] = {"flags": suggestion, "why": why}
+        record_suggestion()
+    suggestion, why = results["pace"]["suggested_cifar_settings"].values()
     print(f"pace: for the cifar check: {suggestion or '(no run)'}  ({why})", flush=True)
-    return rows + comparisons + [("pace", "for the cifar check", suggestion or "(no run)", "", "")]
+    return rows + same_run_in_every_mode(runs) + [("pace", "for the cifar check", suggestion or "(no run)", "", "")]
 
 
 #: What the pace check's runs must show for the cifar check to take their settings. CUDA graphs keep the recipe's
@@ -498,8 +494,8 @@ def check_pace(args, device, results) -> list[tuple]:
 GRAPHS_SPEEDUP, LARGE_BATCH_SPEEDUP = 1.5, 2.0
 
 
-def suggest_cifar_settings(runs: list[dict], comparisons: list[tuple], agreements: dict, loader_ms: dict,
-                           augment_fell_back: bool, recipe) -> tuple[str, str]:
+def suggest_cifar_settings(runs: list[dict], agreements: dict, loader_ms: dict, augment_fell_back: bool,
+                           recipe) -> tuple[str, str]:
     """(the cifar check's --cifar-set flags, why), from the pace check's runs; ("", why) where the cifar run should
     not be spent (the recipe's batch in the default mode, the measured path, failed). The rule, in order:
     - the recipe's batch with CUDA graphs (reduce-overhead), if it trained the same as the default mode and at
@@ -519,8 +515,7 @@ def suggest_cifar_settings(runs: list[dict], comparisons: list[tuple], agreement
     graphs = done.get((batch, "reduce-overhead"))
     larger = [run for (size, mode), run in done.items() if mode is None and size > batch]
     large = max(larger, key=lambda run: run["batch_size"], default=None)
-    graphs_same = any(row[1].startswith(f"batch {batch}: reduce-overhead mode's run") and row[4] == "PASS"
-                      for row in comparisons)
+    graphs_same = graphs is not None and runs_match(graphs, default)[0]
     augment = (not augment_fell_back and agreements.get(batch, 0) >= 0.999
                and loader_ms.get(f"{batch} compiled", float("inf")) < loader_ms.get(f"{batch}", 0))
     flags = ["--cifar-set epochs=1000"]
@@ -540,23 +535,33 @@ def suggest_cifar_settings(runs: list[dict], comparisons: list[tuple], agreement
     return " ".join(flags), why + ("; augmentation compiled" if augment else "; augmentation plain")
 
 
+#: How far a compile mode's run may end from the first run of its batch size and still be the same run.
+SAME_RUN_LIMITS = {"loss": 0.01, "train acc": 0.01, "test acc": 0.01, "weights": 0.05}
+
+
+def first_run_of_batch(runs: list[dict], batch: int) -> dict | None:
+    return next((run for run in runs if "error" not in run and run["batch_size"] == batch), None)
+
+
+def runs_match(run: dict, reference: dict) -> tuple[bool, dict]:
+    """(whether `run` ended where `reference` did, to SAME_RUN_LIMITS, the gaps). The same seeds and data give the
+    same training to rounding; a mode that trains differently (CUDA graphs replaying stale gradients or logits, an
+    evaluation graph reading old weights) shows in the weights, the training loss or an accuracy."""
+    gaps = {"loss": abs(run["train_loss"] - reference["train_loss"]) / reference["train_loss"],
+            "train acc": abs(run["train_accuracy"] - reference["train_accuracy"]),
+            "test acc": abs(run["test_accuracy"] - reference["test_accuracy"]),
+            "weights": run.get("weights_relative_difference", 0.0)}
+    return all(gaps[name] <= SAME_RUN_LIMITS[name] for name in gaps), gaps
+
+
 def same_run_in_every_mode(runs: list[dict]) -> list[tuple]:
-    """Rows comparing, per batch size, each compile mode's run with the first mode's: the same seeds and data, so
-    the same training to rounding. A mode that trains differently (CUDA graphs replaying stale gradients or logits,
-    an evaluation graph reading old weights) shows in the weights, the training loss or an accuracy."""
-    rows, first = [], {}
+    """Rows comparing, per batch size, each compile mode's run with the first of that batch size (`runs_match`)."""
+    rows = []
     for run in runs:
-        if "error" in run:
+        reference = first_run_of_batch(runs, run["batch_size"])
+        if "error" in run or reference is run:
             continue
-        reference = first.setdefault(run["batch_size"], run)
-        if reference is run:
-            continue
-        gaps = {"loss": abs(run["train_loss"] - reference["train_loss"]) / reference["train_loss"],
-                "train acc": abs(run["train_accuracy"] - reference["train_accuracy"]),
-                "test acc": abs(run["test_accuracy"] - reference["test_accuracy"]),
-                "weights": run.get("weights_relative_difference", 0.0)}
-        limits = {"loss": 0.01, "train acc": 0.01, "test acc": 0.01, "weights": 0.05}
-        same = all(gaps[name] <= limits[name] for name in gaps)
+        same, gaps = runs_match(run, reference)
         rows.append(("pace", f"batch {run['batch_size']}: {run['compile_mode'] or 'default'} mode's run vs "
                              f"{reference['compile_mode'] or 'default'} mode's",
                      f"loss {100 * gaps['loss']:.2f}%, acc {gaps['train acc']:.3f}/{gaps['test acc']:.3f}, "
@@ -574,7 +579,7 @@ def check_cifar(args, device, results) -> list[tuple]:
     folder = unpack_cifar_jpegs(args.cifar_archive, args.work_dir / name, train_per_class=per_class,
                                 test_per_class=per_class)
     batch_size = 16 if args.smoke else recipe.batch_size
-    compile_augment = args.compile_augment or recipe.compile_augment
+    compile_augment = recipe.compile_augment  # --cifar-set compile_augment=true
     epochs = args.cifar_epochs or recipe.epochs
     started = time.perf_counter()
     train_loader, test_loader, classes = make_cached_loaders(folder, image_size=recipe.image_size,

@@ -132,9 +132,8 @@ def test_pace_suggests_the_cifar_settings_by_its_rule(gpu_checks):
                 "train_accuracy": 0.3, "test_accuracy": 0.35, "weights_relative_difference": 0.0}
 
     def suggest(runs, agreement=1.0, ms=(5.0, 1.0), fell_back=False):
-        comparisons = gpu_checks.same_run_in_every_mode(runs)
-        return gpu_checks.suggest_cifar_settings(runs, comparisons, {512: agreement},
-                                                 {"512": ms[0], "512 compiled": ms[1]}, fell_back, recipe)
+        return gpu_checks.suggest_cifar_settings(runs, {512: agreement}, {"512": ms[0], "512 compiled": ms[1]},
+                                                 fell_back, recipe)
 
     graphs, why = suggest([run(512, None, 23000), run(512, "reduce-overhead", 80000), run(2048, None, 60000)])
     assert graphs == ("--cifar-set epochs=1000 --cifar-set compile_mode=reduce-overhead "
