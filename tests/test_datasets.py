@@ -504,8 +504,8 @@ def test_find_animals10_says_why_and_never_raises(tmp_path, kaggle_server, monke
     """What the notebooks use to choose Animals-10 or the shipped sample."""
     dest = tmp_path / "data" / "animals10"
     monkeypatch.delenv("KAGGLE_USERNAME")
-    assert datasets.find_animals10(dest) == (None, "no Kaggle credentials were found, so Animals-10 cannot be "
-                                                   "downloaded")
+    assert datasets.find_animals10(dest) == (None, f"no Kaggle credentials were found, so Animals-10 cannot be "
+                                                   f"downloaded (nor is Kaggle's archive at {dest}.zip)")
     monkeypatch.setenv("KAGGLE_USERNAME", "student")
     folder, why = datasets.find_animals10(dest, download=False)
     assert folder is None and "not prepared" in why
@@ -517,6 +517,26 @@ def test_find_animals10_says_why_and_never_raises(tmp_path, kaggle_server, monke
         assert datasets.find_animals10(dest) == (dest, "Animals-10 was downloaded with the credentials from "
                                                    "KAGGLE_USERNAME and KAGGLE_KEY")
     assert datasets.find_animals10(dest) == (dest, f"Animals-10 is prepared in {dest}")
+
+
+def test_find_animals10_prepares_an_archive_put_there_by_hand_without_credentials(tmp_path, kaggle_zip, fake_home):
+    """Kaggle's archive downloaded from the website and saved as data/animals10.zip needs no credentials."""
+    dest = tmp_path / "data" / "animals10"
+    archive = dest.with_name("animals10.zip")
+    archive.parent.mkdir()
+    shutil.copy(kaggle_zip, archive)
+    assert datasets.kaggle_credentials_source() is None
+    folder, why = datasets.find_animals10(dest, download=False)
+    assert folder is None and why == f"Animals-10 is not prepared in {dest} (Kaggle's archive is at {archive})"
+    with pytest.warns(UserWarning, match="differs"):
+        assert datasets.find_animals10(dest) == (dest, f"Animals-10 was prepared from {archive}")
+    assert datasets.count_images(dest) == expected_english_counts()
+    assert archive.read_bytes() == kaggle_zip.read_bytes()  # the user's archive is kept
+    damaged_copy(kaggle_zip, archive)
+    assert datasets.find_animals10(dest) == (dest, f"Animals-10 is prepared in {dest}")  # the archive is not read
+    shutil.rmtree(dest)
+    folder, why = datasets.find_animals10(dest)
+    assert folder is None and why.startswith(f"preparing Animals-10 failed: {archive} is damaged")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -572,6 +572,52 @@ def test_under_ddp_a_different_number_of_steps_per_process_is_an_error_not_a_han
         assert "DistributedSampler" in (tmp_path / f"error_rank{rank}.txt").read_text()
 
 
+def collate_labels(samples):
+    """A collate_fn of the user's own: only the labels."""
+    return torch.stack([label for _, label in samples])
+
+
+#: Batches of the user's own, of uneven sizes, over the 15 samples of `numbered_samples`.
+OWN_BATCHES = [[0, 1, 2], [3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+
+
+def numbered_samples() -> TensorDataset:
+    return TensorDataset(torch.zeros(15, 1), torch.arange(15))  # each sample's label is its index
+
+
+@pytest.mark.parametrize("loader, shards", [
+    (DataLoader(numbered_samples(), batch_size=4), [[[0, 2, 4, 6], [8, 10, 12, 14]], [[1, 3, 5, 7], [9, 11, 13]]]),
+    (DataLoader(numbered_samples(), batch_sampler=OWN_BATCHES), [OWN_BATCHES[0::2], OWN_BATCHES[1::2]]),
+    (DataLoader(numbered_samples(), batch_size=4, drop_last=True), [[[0, 1, 2, 3], [8, 9, 10, 11]], [[4, 5, 6, 7]]]),
+], ids=["batch_size", "batch_sampler", "drop_last"])
+def test_under_ddp_each_test_sample_is_evaluated_once_in_the_batches_the_user_chose(monkeypatch, loader, shards):
+    """A plain sequential test loader is split sample by sample; one with batches of the user's own (a
+    batch_sampler, drop_last) is split by whole batches, so that the processes see together exactly the batches
+    one process would."""
+    monkeypatch.setattr(training, "_all_reduce", lambda *values, op=None: list(values))  # all ranks agree
+    for rank, expected in enumerate(shards):
+        shard, sums_need_all_reduce = training.evaluation_loader(loader, rank, world_size=2)
+        assert sums_need_all_reduce and [labels.tolist() for _, labels in shard] == expected
+
+
+@pytest.mark.parametrize("batching", [{"batch_size": 4}, {"batch_sampler": OWN_BATCHES}])
+def test_under_ddp_the_split_test_loader_keeps_the_loaders_settings(monkeypatch, batching):
+    monkeypatch.setattr(training, "_all_reduce", lambda *values, op=None: list(values))
+    settings = dict(num_workers=2, pin_memory=True, collate_fn=collate_labels, timeout=30.0, worker_init_fn=print,
+                    prefetch_factor=3, persistent_workers=True)
+    shard, _ = training.evaluation_loader(DataLoader(numbered_samples(), **batching, **settings), 1, world_size=2)
+    assert {name: getattr(shard, name) for name in settings} == settings
+
+
+def test_under_ddp_batches_that_differ_between_processes_are_refused(monkeypatch):
+    """A batch_sampler that shuffles, or that is already split per process, gives each process other batches:
+    splitting them again would miss some samples and count others twice."""
+    monkeypatch.setattr(training, "_all_reduce", lambda fingerprint, negated, op=None: [fingerprint + 1, negated])
+    loader = DataLoader(numbered_samples(), batch_sampler=OWN_BATCHES)
+    with pytest.raises(ValueError, match="different batches in different processes.*batch_size"):
+        training.evaluation_loader(loader, 0, world_size=2)
+
+
 def test_one_named_gpu_for_every_process_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")

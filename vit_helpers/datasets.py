@@ -92,8 +92,9 @@ KAGGLE_CREDENTIALS_HELP = (
     "  1. export KAGGLE_API_TOKEN=<token>   (or save the token in ~/.kaggle/access_token)\n"
     "  2. save kaggle.json in ~/.kaggle/kaggle.json (chmod 600 ~/.kaggle/kaggle.json)\n"
     "  3. export KAGGLE_USERNAME=<user> KAGGLE_KEY=<key>\n"
-    "Or download the archive by hand from https://www.kaggle.com/datasets/alessiocorrado99/animals10 and run "
-    "prepare_animals10('animals10.zip', 'data/animals10')."
+    "Or download the archive by hand from https://www.kaggle.com/datasets/alessiocorrado99/animals10 (it "
+    "arrives as archive.zip) and save it as data/animals10.zip, beside the dataset's folder: it is then prepared "
+    "from there, with no credentials. (Or run prepare_animals10('archive.zip', 'data/animals10').)"
 )
 
 
@@ -326,24 +327,33 @@ def is_prepared(folder: str | Path) -> bool:
 
 
 def find_animals10(folder: str | Path | None = None, download: bool = True) -> tuple[Path | None, str]:
-    """(folder, why) when Animals-10 can be used now: already prepared, or downloaded with the user's Kaggle
-    credentials. (None, why) otherwise, never raising: notebooks fall back to the shipped sample and print why."""
+    """(folder, why) when Animals-10 can be used now: already prepared, prepared from Kaggle's archive put at
+    <folder>.zip by hand (no credentials needed; as download_animals10 does, it is kept), or downloaded with the
+    user's Kaggle credentials. (None, why) otherwise, never raising: notebooks fall back to the shipped sample and
+    print why. With download=False nothing is prepared or downloaded; why says what would be."""
     folder = Path(folder) if folder is not None else DATA_ROOT / "animals10"
     if is_prepared(folder):
         return folder, f"Animals-10 is prepared in {folder}"
-    credentials = kaggle_credentials_source()
-    if credentials is None:
-        return None, "no Kaggle credentials were found, so Animals-10 cannot be downloaded"
+    archive = folder.with_name(folder.name + ".zip")  # where download_animals10 uses an archive instead of fetching
+    if archive.is_file():
+        found, action, done = f"Kaggle's archive is at {archive}", "preparing", f"prepared from {archive}"
+    else:
+        credentials = kaggle_credentials_source()
+        if credentials is None:
+            return None, (f"no Kaggle credentials were found, so Animals-10 cannot be downloaded (nor is Kaggle's "
+                          f"archive at {archive})")
+        found, action = f"credentials found in {credentials}", "downloading"
+        done = f"downloaded with the credentials from {credentials}"
     if not download:
-        return None, f"Animals-10 is not prepared in {folder} (credentials found in {credentials})"
+        return None, f"Animals-10 is not prepared in {folder} ({found})"
     try:
         download_animals10(folder, quiet=True)
     except Exception as error:  # offline, refused, a damaged archive, a full disk: the message says what to do
         first_line = (str(error).splitlines() or [""])[0]
         if not isinstance(error, DatasetError):
             first_line = f"{type(error).__name__}: {first_line}"
-        return None, f"downloading Animals-10 failed: {first_line}"
-    return folder, f"Animals-10 was downloaded with the credentials from {credentials}"
+        return None, f"{action} Animals-10 failed: {first_line}"
+    return folder, f"Animals-10 was {done}"
 
 
 def _animals10_entry(name: str) -> tuple[str, str] | str | None:
@@ -692,9 +702,9 @@ def resolve_dataset(name_or_path: str | Path) -> Path:
     """The ImageFolder root for a dataset name ("sample", "animals10", "cifar10") or a folder path.
 
     A known name always means the dataset (a folder literally called "sample" can be given as "./sample").
-    "animals10" is downloaded into data/animals10 when missing and Kaggle credentials exist; "cifar10" is
-    downloaded with torchvision into data/cifar10. Under torchrun every rank calls this: rank 0 fetches while the
-    others wait (`rank_zero_first`).
+    "animals10" is prepared in data/animals10 when missing, from data/animals10.zip if it was put there by hand,
+    else downloaded with Kaggle credentials; "cifar10" is downloaded with torchvision into data/cifar10. Under
+    torchrun every rank calls this: rank 0 fetches while the others wait (`rank_zero_first`).
     """
     name = name_or_path.strip().lower() if isinstance(name_or_path, str) else None
     if name == "sample":

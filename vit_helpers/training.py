@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, SequentialSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Subset
 from tqdm import tqdm
 
 from vit_helpers.files import atomic_write
@@ -477,19 +477,33 @@ def evaluate(model: nn.Module, loader, device: torch.device | str | None = None,
     return {"loss": loss_sum / count, "accuracy": correct / count, "count": count}
 
 
+#: What a test loader split for DDP keeps of the user's loader (besides the dataset and the batching).
+LOADER_SETTINGS = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
+                   "generator", "prefetch_factor", "persistent_workers")
+
+
 def evaluation_loader(loader, rank: int, world_size: int):
     """(loader, sums_need_all_reduce): how this process takes part in an exact evaluation under DDP.
 
     A plain sequential DataLoader is split here, every world_size-th sample to each rank (no padding, so the
-    sums over ranks are exact). A loader that is already split without overlap (the GPU-cached one) is used as
-    it is and its sums added up; one that holds the whole set on every rank is evaluated whole, everywhere.
+    sums over ranks are exact); one with batches of the user's own (a batch_sampler, or drop_last) is split by whole
+    batches, every world_size-th batch to each rank. A loader that is already split without overlap (the GPU-cached
+    one) is used as it is and its sums added up; one that holds the whole set on every rank is evaluated whole,
+    everywhere.
     """
     if world_size == 1:
         return loader, False
     if isinstance(loader, DataLoader) and isinstance(loader.sampler, SequentialSampler):
-        shard = Subset(loader.dataset, range(rank, len(loader.dataset), world_size))
-        return DataLoader(shard, batch_size=loader.batch_size, num_workers=loader.num_workers,
-                          pin_memory=loader.pin_memory, collate_fn=loader.collate_fn), True
+        settings = {name: getattr(loader, name) for name in LOADER_SETTINGS}
+        batching = loader.batch_sampler
+        # DataLoader's own batching (batch_size=N, or none) is redone over this rank's samples; any other is the
+        # user's, and kept.
+        if batching is None or (type(batching) is BatchSampler and batching.sampler is loader.sampler
+                                and not batching.drop_last):
+            shard = Subset(loader.dataset, range(rank, len(loader.dataset), world_size))
+            return DataLoader(shard, batch_size=loader.batch_size, **settings), True
+        batches = _same_batches_everywhere(list(batching))
+        return DataLoader(loader.dataset, batch_sampler=batches[rank::world_size], **settings), True
     mine, size = len(loader.sampler), len(loader.dataset)
     total = _all_reduce(mine)[0]
     if int(total) == size:
@@ -498,6 +512,19 @@ def evaluation_loader(loader, rank: int, world_size: int):
         return loader, False
     raise ValueError(f"the test loader's samplers cover {int(total)} samples for a test set of {size} (a "
                      f"DistributedSampler pads with repeats): give fit a sequential test loader.")
+
+
+def _same_batches_everywhere(batches: list) -> list:
+    """The batches, once every process has checked that they are the same everywhere: a batch_sampler that
+    shuffles, or that is already split per process, would make the split miss some samples and count others twice."""
+    fingerprint = int(hashlib.sha256(repr(batches).encode()).hexdigest()[:13], 16)  # 52 bits: exact in float64
+    highest, negated_lowest = _all_reduce(fingerprint, -fingerprint, op=dist.ReduceOp.MAX)
+    if highest != -negated_lowest:
+        raise ValueError("the test loader's batch_sampler gives different batches in different processes (it "
+                         "shuffles, or is already split per process): give fit a sequential test loader, "
+                         "DataLoader(test_set, batch_size=...), or the same batches in every process (they are "
+                         "then split here, each batch to one process).")
+    return batches
 
 
 @torch.no_grad()
