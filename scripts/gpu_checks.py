@@ -339,17 +339,22 @@ def with_changes(recipe, assignments: list[str]):
             raise ValueError(f"--cifar-set {assignment!r}: the recipe has no field {name!r}; its fields are "
                              f"{', '.join(f.name for f in fields(recipe) if f.name not in ('name', 'on_gpu'))}.")
         current = getattr(recipe, name)
-        if isinstance(current, dict):
+        if text.lower() == "none" and "None" in types[name]:  # e.g. crop_scale=none: back to the default
+            value = None
+        elif isinstance(current, dict):
             value = json.loads(text)
         elif "tuple" in types[name]:  # e.g. crop_scale=0.5,1, also where the recipe leaves it None
             value = tuple(float(part) for part in text.strip("()[] ").split(","))
         elif isinstance(current, bool) or name == "augment":
             value = {"true": True, "false": False}.get(text.lower(), text)
         elif current is None:
-            value = text
+            value = int(text) if types[name].startswith("int") else text  # e.g. crop_padding=4
         else:
             value = type(current)(text)
         changes[name] = value
+    for kind, other in (("crop_scale", "crop_padding"), ("crop_padding", "crop_scale")):
+        if changes.get(kind) is not None and other not in changes:  # as on the command line: the kind of crop
+            changes[other] = None
     return replace(recipe, **changes)
 
 
@@ -412,7 +417,7 @@ def check_pace(args, device, results) -> list[tuple]:
         torch._dynamo.reset()  # each run compiles afresh, as the cifar check would
         loaders = {compiled: make_cached_loaders(folder, image_size=recipe.image_size, batch_size=batch,
                                                  device=device, augment=recipe.augment, crop_scale=recipe.crop_scale,
-                                                 compile_augment=compiled)
+                                                 crop_padding=recipe.crop_padding, compile_augment=compiled)
                    for compiled in (False, True)}
         # The loader alone, plain and compiled, once per batch size: what the augmentation costs of a step.
         for compiled, (loader, _, _) in loaders.items():
@@ -585,6 +590,7 @@ def check_cifar(args, device, results) -> list[tuple]:
     train_loader, test_loader, classes = make_cached_loaders(folder, image_size=recipe.image_size,
                                                              batch_size=batch_size, device=device,
                                                              augment=recipe.augment, crop_scale=recipe.crop_scale,
+                                                             crop_padding=recipe.crop_padding,
                                                              compile_augment=compile_augment)
     torch.manual_seed(0)
     model = ViT(recipe.model_config(num_classes=len(classes)))

@@ -217,6 +217,43 @@ def test_crop_scale_reaches_the_loader_and_resumes_with_the_same_flag(tiny_folde
     assert main(train_args(tiny_folder, tmp_path / "bad", "--crop-scale", "0", "1")) == 2  # one clear line
 
 
+def test_crop_padding_reaches_the_loader_replaces_a_recipes_crop_scale_and_cannot_change_on_resume(
+        tiny_folder, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from vit_helpers import gpu_data, recipes
+    from vit_helpers.cli import build_parser, run_settings
+
+    seen, make = [], gpu_data.make_cached_loaders
+
+    def recording(*args, **kwargs):
+        loaders = make(*args, **kwargs)
+        seen.append(loaders[0].augment.padding)  # the training loader's shifted crops
+        return loaders
+
+    monkeypatch.setattr(gpu_data, "make_cached_loaders", recording)
+    monkeypatch.setitem(recipes.RECIPES, "demo", dataclasses.replace(recipes.RECIPES["demo"], crop_scale=(0.8, 1.0)))
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--augment", "basic", "--crop-padding", "2",
+                           "--stop-after-epoch", "1")) == 0
+    settings = json.loads((out / "metrics.json").read_text())["settings"]
+    assert (settings["crop_padding"], settings["crop_scale"]) == (2, None)  # the flag chose the kind of crop
+    assert main(["train", "--out", str(out), "--resume", "--crop-padding", "3"]) == 2
+    assert "--crop-padding cannot change" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume"]) == 0 and seen == [2, 2]
+
+    def parsed(*flags):
+        return run_settings(build_parser().parse_args(["train", "--recipe", "demo", "--out", "x", *flags]), "cpu")
+
+    assert (parsed()["crop_scale"], parsed()["crop_padding"]) == ((0.8, 1.0), None)
+    monkeypatch.setitem(recipes.RECIPES, "demo", dataclasses.replace(recipes.RECIPES["demo"], crop_padding=4))
+    assert (parsed("--crop-scale", "0.5", "1")["crop_scale"], parsed("--crop-scale", "0.5", "1")["crop_padding"]
+            ) == ((0.5, 1.0), None)
+    assert main(train_args(tiny_folder, tmp_path / "both", "--crop-scale", "0.5", "1", "--crop-padding", "4")) == 2
+    assert "choose between two kinds of crop" in capsys.readouterr().err
+    assert main(train_args(tiny_folder, tmp_path / "negative", "--crop-padding", "-1")) == 2
+
+
 def test_out_that_is_a_file_gives_one_line(tiny_folder, tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     for out in (tmp_path / "file", tmp_path / "file" / "run"):

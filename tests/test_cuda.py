@@ -77,10 +77,10 @@ def test_a_checkpoint_written_on_the_gpu_gives_the_same_predictions_on_the_cpu(t
 def test_augmentation_on_the_gpu_equals_the_same_augmentation_on_the_cpu():
     # DeviceAugment draws its random numbers on the CPU, so (seed, epoch) decide the result on any device.
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    for policy in ("basic", "strong"):
-        on_cpu = DeviceAugment(policy)(images, torch.Generator().manual_seed(7))
+    for policy, crop in (("basic", {}), ("strong", {}), ("strong", {"padding": 4})):  # padding: shifted crops
+        on_cpu = DeviceAugment(policy, **crop)(images, torch.Generator().manual_seed(7))
         for compiled in (False, True):  # compiled: a few fused kernels (torch.compile), the same draws
-            augment = DeviceAugment(policy, compile=compiled)
+            augment = DeviceAugment(policy, compile=compiled, **crop)
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # a compiled version that fell back to the plain one fails here
                 on_device = augment(images.to(DEVICE), torch.Generator().manual_seed(7))
@@ -88,7 +88,7 @@ def test_augmentation_on_the_gpu_equals_the_same_augmentation_on_the_cpu():
             # Interpolation rounds differently on the GPU; a value at a posterize or solarize threshold may then
             # land on the other side (a step of 2/255 or more): rare pixels, not the draws.
             close = ((on_device.cpu() - on_cpu).abs() < 1e-4).float().mean()
-            assert close > 0.999, f"{policy}, compiled={compiled}: only {close:.4f} of the values agree"
+            assert close > 0.999, f"{policy} {crop}, compiled={compiled}: only {close:.4f} of the values agree"
 
 
 def test_training_with_cuda_graphs_matches_the_default_compiled_run():

@@ -211,6 +211,73 @@ def test_device_crops_are_torchvisions_random_resized_crops():
     assert abs(ours.mean() - reference.mean()) < 0.015  # ~0.62 both; clamping to fit gave 0.67
 
 
+def test_shifted_device_crops_are_torchvisions_padded_random_crops_pixel_for_pixel():
+    """crop_padding=P: each image shifted by whole pixels, every shift in [-P, P] equally likely, black coming in,
+    then mirrored half of the time: exactly torchvision's pad, crop and flip for the shifts drawn, no pixel
+    blurred."""
+    from torchvision.transforms.v2 import functional as TF
+
+    size, padding = 12, 4
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8, generator=generator)
+    matrices = gpu_data.shifted_crop_flip_matrices(len(images), generator, padding, size)
+    out = gpu_data.warp(images.float() / 255, matrices, black_outside=True)
+    for image, matrix, actual in zip(images, matrices, out):
+        dx, dy = (round(float(matrix[row, 2]) * size / 2) for row in (0, 1))
+        expected = TF.crop(TF.pad(image, [padding]), padding + dy, padding + dx, size, size)  # RandomCrop's
+        if matrix[0, 0] < 0:
+            expected = TF.horizontal_flip(expected)
+        torch.testing.assert_close(actual * 255, expected.float(), rtol=0, atol=1e-3)
+    many = gpu_data.shifted_crop_flip_matrices(18000, generator, padding, size)
+    shifts = (many[:, :2, 2] * size / 2).round().long()
+    torch.testing.assert_close(many[:, :2, 2], shifts * 2 / size)  # whole pixels
+    counts = Counter(shifts.flatten().tolist())
+    assert sorted(counts) == list(range(-padding, padding + 1))
+    assert max(counts.values()) / min(counts.values()) < 1.15  # 4,000 each expected
+    assert 0.48 < (many[:, 0, 0] < 0).float().mean() < 0.52 and torch.equal(many[:, 1, 1], torch.ones(18000))
+
+
+def test_shifted_crops_reach_both_loaders_and_agree(tmp_path):
+    """crop_padding in make_dataloaders (torchvision's RandomCrop, then the flip) and make_cached_loaders
+    (DeviceAugment): on both paths a white image comes out white, with black strips at most P pixels wide where
+    the shift brought in the outside, and nothing in between (no blur); with "strong", RandAugment follows."""
+    root = make_tree(tmp_path / "tree", per_class=4, size=(8, 8))
+    train, _, _ = make_dataloaders(root, image_size=8, batch_size=4, num_workers=0, augment="strong", crop_padding=3)
+    names = [type(t).__name__ for t in train.dataset.transform.transforms]
+    assert names.index("RandomCrop") < names.index("RandomHorizontalFlip") < names.index("RandAugment")
+    assert "RandomResizedCrop" not in names
+    train, _, _ = make_dataloaders(root, image_size=8, batch_size=4, num_workers=0, crop_padding=3)
+    white = Image.new("RGB", (8, 8), (255, 255, 255))
+    torch.manual_seed(0)
+    plain = torch.stack([train.dataset.transform(white) for _ in range(200)]).mul(0.5).add(0.5)  # [0, 1]
+    cached, _, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu", crop_padding=3,
+                                       cache_dir=tmp_path / "cache")
+    assert cached.augment.padding == 3
+    on_device = cached.augment(torch.full((200, 3, 8, 8), 255, dtype=torch.uint8), torch.Generator().manual_seed(0))
+    for name, batch in (("make_dataloaders", plain), ("make_cached_loaders", on_device.mul(0.5).add(0.5))):
+        assert ((batch - 0).abs() < 1e-5).logical_or((batch - 1).abs() < 1e-5).all(), name  # black or white
+        white_columns, white_rows = batch[:, 0].amax(dim=1), batch[:, 0].amax(dim=2)  # (200, 8) each
+        assert (white_columns.sum(1) >= 5).all() and (white_rows.sum(1) >= 5).all(), name  # shifts of <= 3 px
+        assert (white_columns.sum(1) < 8).float().mean() > 0.6, name  # most images shifted across (6 of 7 are)
+    unshifted = gpu_data.DeviceAugment("basic", mean=(0.0,) * 3, std=(1.0,) * 3, padding=0)  # only mirrors
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for image, out in zip(images.float(), unshifted(images, torch.Generator().manual_seed(0)).mul(255)):
+        assert torch.allclose(out, image, atol=1e-3) or torch.allclose(out, image.flip(-1), atol=1e-3)
+
+
+def test_crop_padding_is_checked_and_excludes_crop_scale(tmp_path):
+    root = make_tree(tmp_path / "tree", per_class=4, size=(8, 8))
+    for bad in (-1, 2.5, "4", True):
+        with pytest.raises(ValueError, match="crop_padding must be a whole number of pixels, 0 or more"):
+            make_dataloaders(root, image_size=8, batch_size=4, num_workers=0, crop_padding=bad)
+        with pytest.raises(ValueError, match="crop_padding must be a whole number of pixels"):
+            gpu_data.DeviceAugment("basic", padding=bad)
+    with pytest.raises(ValueError, match="choose between two kinds of crop: give one of them"):
+        make_dataloaders(root, image_size=8, batch_size=4, num_workers=0, crop_scale=(0.5, 1), crop_padding=4)
+    with pytest.raises(ValueError, match="choose between two kinds of crop"):
+        gpu_data.DeviceAugment("strong", scale=(0.5, 1), padding=4)
+
+
 def test_every_image_mode_becomes_rgb_and_transparency_becomes_white(tmp_path):
     for mode, suffix in (("L", ".jpg"), ("RGBA", ".png"), ("P", ".png"), ("CMYK", ".jpg"), ("1", ".png"),
                          ("LA", ".png"), ("I;16", ".png")):
@@ -488,13 +555,14 @@ def test_basic_device_crops_never_blend_in_black_at_the_border():
     torch.testing.assert_close(crops, torch.ones_like(crops))  # every pixel of a crop of white is white
 
 
-@pytest.mark.parametrize("policy", ["basic", "strong"])
-def test_compiled_device_augmentation_equals_the_plain_one(policy):
+@pytest.mark.parametrize("policy, crop", [("basic", {"scale": (0.5, 1.0)}), ("strong", {"scale": (0.5, 1.0)}),
+                                          ("strong", {"padding": 4})])
+def test_compiled_device_augmentation_equals_the_plain_one(policy, crop):
     """DeviceAugment(compile=True): the same draws and the same images to float rounding (here torch.compile's CPU
     backend; on a GPU, tests/test_cuda.py compares it with the CPU's plain version)."""
     images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    plain = gpu_data.DeviceAugment(policy, scale=(0.5, 1.0))
-    compiled = gpu_data.DeviceAugment(policy, scale=(0.5, 1.0), compile=True)
+    plain = gpu_data.DeviceAugment(policy, **crop)
+    compiled = gpu_data.DeviceAugment(policy, compile=True, **crop)
     for seed in (0, 1):  # the second batch reuses the compiled graph
         expected = plain(images, torch.Generator().manual_seed(seed))
         torch.testing.assert_close(compiled(images, torch.Generator().manual_seed(seed)), expected,

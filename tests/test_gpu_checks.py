@@ -175,6 +175,12 @@ def test_recipe_changes_are_parsed_as_the_fields_types(gpu_checks, capsys):
     with pytest.raises(SystemExit):
         gpu_checks.parse_args(["--cifar-set", "learning_rate=1"])
     assert "no field 'learning_rate'" in capsys.readouterr().err
+    # A kind of crop replaces the other, as on the command line; "none" restores an optional field's default.
+    shifted = gpu_checks.with_changes(get_recipe("cifar10"), ["crop_padding=4"])
+    assert (shifted.crop_padding, shifted.crop_scale) == (4, None)
+    resized = gpu_checks.with_changes(shifted, ["crop_scale=0.5,1"])
+    assert (resized.crop_padding, resized.crop_scale) == (None, (0.5, 1.0))
+    assert gpu_checks.with_changes(resized, ["crop_scale=none"]).crop_scale is None
 
 
 def test_cifar_check_probes_then_finishes_the_schedule(gpu_checks, archive, tmp_path):

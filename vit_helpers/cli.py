@@ -121,6 +121,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="the random crops' share of the image area, e.g. 0.8 1.0 (default: the loaders', "
                              "vit_helpers.data.RANDOM_CROP_SCALE)")
+    parser.add_argument("--crop-padding", type=non_negative_int, metavar="PIXELS",
+                        help="random crops that shift the image by up to PIXELS (black comes in), e.g. 4, CIFAR's "
+                             "usual, instead of random resized crops")
     parser.add_argument("--cached", action=argparse.BooleanOptionalAction,
                         help="decode the images once and augment them on the device (fast on GPUs)")
     parser.add_argument("--num-workers", type=non_negative_int,
@@ -185,6 +188,11 @@ def run_settings(args, device_type: str) -> dict:
     if "model" in given and not same_model(given["model"], recipe.model):
         settings["model_overrides"] = {}  # the recipe's changes to its own model: --model names another one
     settings.update(given)
+    if "crop_scale" in given or "crop_padding" in given:  # the flag chooses the kind of crop, not the recipe
+        if "crop_scale" in given and "crop_padding" in given:
+            raise UsageError("--crop-scale (random resized crops) and --crop-padding (shifted crops) choose between "
+                             "two kinds of crop: give one of them.")
+        settings["crop_padding" if "crop_scale" in given else "crop_scale"] = None
     return settings
 
 
@@ -282,16 +290,17 @@ def build_loaders(settings: dict, device: torch.device):
         return make_cached_loaders(settings["data"], image_size=settings["image_size"],
                                    batch_size=settings["batch_size"], device=device, seed=settings["seed"],
                                    augment=settings["augment"], crop_scale=settings["crop_scale"],
+                                   crop_padding=settings["crop_padding"],
                                    compile_augment=settings["compile_augment"])
     return data.make_dataloaders(settings["data"], image_size=settings["image_size"],
                                  batch_size=settings["batch_size"], seed=settings["seed"],
                                  num_workers=settings["num_workers"], augment=settings["augment"],
-                                 crop_scale=settings["crop_scale"])
+                                 crop_scale=settings["crop_scale"], crop_padding=settings["crop_padding"])
 
 
 def prepare_run(args):
     """Everything before training, where any failure is a usage error: settings, device, data, model."""
-    from vit_helpers.data import checked_crop_scale
+    from vit_helpers.data import checked_crop
     from vit_helpers.datasets import DatasetError
 
     out = Path(args.out)
@@ -304,7 +313,7 @@ def prepare_run(args):
             settings = run_settings(args, training.resolve_device(args.device or "auto").type)
         model_config(settings, num_classes=2)  # checks the model name and sizes before the data is read
         train_config(settings)  # and the optimisation settings
-        checked_crop_scale(settings["crop_scale"])
+        checked_crop(settings["crop_scale"], settings["crop_padding"])
         if settings["compile_augment"] and not settings["cached"]:
             raise ValueError("--compile-augment compiles the cached loaders' augmentation, and this run does not "
                              "use them: add --cached (a new run) or --no-compile-augment.")

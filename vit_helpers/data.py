@@ -194,20 +194,26 @@ class VerifiedImageFolder(ImageFolder):
 # --------------------------------------------------------------------------------------------------------------
 
 def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE_MEAN, std=NORMALIZE_STD, *,
-                     crop_scale: tuple[float, float] | None = None):
+                     crop_scale: tuple[float, float] | None = None, crop_padding: int | None = None):
     """(train transform, test transform) for PIL images -> normalised float tensors (3, image_size, image_size).
 
-    Test: resize the short side, centre crop, normalise (deterministic). Train: random resized crop keeping a
-    crop_scale fraction of the area (None: RANDOM_CROP_SCALE), and horizontal flip; augment="strong" adds RandAugment (2 ops, magnitude 9,
-    as in AugReg and DeiT); augment=False gives train the test transform.
+    Test: resize the short side, centre crop, normalise (deterministic). Train: a random crop, then a horizontal
+    flip half of the time; augment="strong" adds RandAugment (2 ops, magnitude 9, as in AugReg and DeiT);
+    augment=False gives train the test transform. The crop is a random resized crop keeping a crop_scale fraction
+    of the area (None: RANDOM_CROP_SCALE), or, with crop_padding=P, the test transform's square shifted by up to P
+    pixels with black coming in from outside (RandomCrop(image_size, padding=P): CIFAR's usual augmentation).
     """
-    crop_scale = checked_crop_scale(crop_scale)
+    crop_scale, crop_padding = checked_crop(crop_scale, crop_padding)
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     test = v2.Compose([*resize_and_crop(image_size).transforms, *to_tensor])
     policy = _augment_policy(augment)
     if policy == "none":
         return test, test
-    train = [v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()]
+    if crop_padding is None:
+        crop = [v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True)]
+    else:
+        crop = [*resize_and_crop(image_size).transforms, v2.RandomCrop(image_size, padding=crop_padding)]
+    train = [*crop, v2.RandomHorizontalFlip()]
     if policy == "strong":
         train.append(v2.RandAugment(num_ops=2, magnitude=9))
     return v2.Compose([*train, *to_tensor]), test
@@ -225,6 +231,25 @@ def checked_crop_scale(crop_scale=None) -> tuple[float, float]:
                          f"fraction of the image's area a random crop keeps (default {RANDOM_CROP_SCALE}); got "
                          f"{crop_scale!r}.")
     return low, high
+
+
+def checked_crop_padding(crop_padding=None) -> int | None:
+    """crop_padding as None (random resized crops) or a whole number of pixels, 0 or more; else a ValueError."""
+    if crop_padding is None:
+        return None
+    if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
+        raise ValueError(f"crop_padding must be a whole number of pixels, 0 or more, by which random crops shift "
+                         f"the image (4 is CIFAR's usual), or None for random resized crops; got {crop_padding!r}.")
+    return crop_padding
+
+
+def checked_crop(crop_scale=None, crop_padding=None) -> tuple[tuple[float, float], int | None]:
+    """(crop_scale, crop_padding) checked, the scale's default filled in. They choose between two kinds of
+    random crop, so giving both is an error."""
+    if crop_scale is not None and crop_padding is not None:
+        raise ValueError(f"crop_scale {crop_scale!r} (random resized crops) and crop_padding {crop_padding!r} "
+                         f"(shifted crops) choose between two kinds of crop: give one of them.")
+    return checked_crop_scale(crop_scale), checked_crop_padding(crop_padding)
 
 
 def resize_and_crop(image_size: int) -> v2.Compose:
@@ -346,16 +371,18 @@ def default_num_workers(num_images: int) -> int:
 def make_dataloaders(data_dir, image_size: int = 224, batch_size: int = 32, test_fraction: float = 0.15,
                      seed: int = 42, num_workers: int | None = None, augment: bool | str = True, *,
                      mean=NORMALIZE_MEAN, std=NORMALIZE_STD, crop_scale: tuple[float, float] | None = None,
-                     ) -> tuple[DataLoader, DataLoader, list[str]]:
+                     crop_padding: int | None = None) -> tuple[DataLoader, DataLoader, list[str]]:
     """(train loader, test loader, class names) for a dataset name ("sample", "animals10", "cifar10") or folder.
 
     Train: a DistributedSampler (world size 1 outside torch.distributed) shuffling with `seed`; call
     `train_loader.sampler.set_epoch(epoch)` each epoch and the order is a function of (seed, epoch), which makes
     resumed and multi-GPU training exact. Full batches only (drop_last). The random resized crop keeps a
-    crop_scale = (low, high) fraction of each image's area (None: RANDOM_CROP_SCALE). Test: every image, in order, unaugmented.
+    crop_scale = (low, high) fraction of each image's area (None: RANDOM_CROP_SCALE); crop_padding=P shifts the
+    image by up to P pixels instead (`build_transforms`). Test: every image, in order, unaugmented.
     Batches are (images float32 (B, 3, S, S) normalised with mean/std, labels int64 (B,)).
     """
-    train_transform, test_transform = build_transforms(image_size, augment, mean, std, crop_scale=crop_scale)
+    train_transform, test_transform = build_transforms(image_size, augment, mean, std, crop_scale=crop_scale,
+                                                       crop_padding=crop_padding)
     train_set, test_set, classes = load_image_datasets(data_dir, test_fraction, seed, train_transform,
                                                        test_transform)
     rank, world_size = distributed_info()

@@ -5,6 +5,7 @@ is decoded and resized once (threads, a progress bar) into a uint8 tensor (N, 3,
 each epoch then only gathers rows, and the augmentation runs on the device in batched tensor ops:
 
     random resized crop + horizontal flip   one affine sampling grid per image, `F.grid_sample` for the batch
+      (or crop_padding=P: shifts of up to P whole pixels, black coming in: CIFAR's usual crop, pixels unchanged)
     augment="strong"                        + two RandAugment-style ops per image at magnitude 9 (geometric ops
                                               join the grid, colour ops are masked tensor ops)
 
@@ -51,7 +52,7 @@ from vit_helpers.data import (
     VerifiedImageFolder,
     _augment_policy,
     _cpu_count,
-    checked_crop_scale,
+    checked_crop,
     load_rgb,
     resize_and_crop,
     stratified_split,
@@ -168,6 +169,21 @@ def crop_flip_matrices(batch: int, generator: torch.Generator, scale=RANDOM_CROP
     return matrices
 
 
+def shifted_crop_flip_matrices(batch: int, generator: torch.Generator, padding: int, size: int) -> torch.Tensor:
+    """(batch, 3, 3) affine maps like `crop_flip_matrices`'s for torchvision's RandomCrop(size, padding=padding)
+    of a square `size` image, then a horizontal flip half of the time: each image shifted by a whole number of
+    pixels from -padding to padding, across and down, every shift equally likely. Whole pixels, so bilinear
+    sampling copies each pixel as it is (no blur), and what comes in from outside is black (`warp`'s
+    black_outside)."""
+    shifts = torch.randint(-padding, padding + 1, (2, batch), generator=generator) * (2 / size)  # [-1, 1] is 2 wide
+    flip = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
+    matrices = torch.zeros(batch, 3, 3)
+    matrices[:, 0, 0], matrices[:, 0, 2] = flip, shifts[0]
+    matrices[:, 1, 1], matrices[:, 1, 2] = 1, shifts[1]
+    matrices[:, 2, 2] = 1
+    return matrices
+
+
 def geometric_op_matrices(ops: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """(batch, 3, 3): shear, translate or rotate for the images whose op is one of those, identity for the rest."""
     matrices = torch.eye(3).repeat(len(ops), 1, 1)
@@ -203,7 +219,9 @@ def colour_ops(images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor) -> 
     degenerate = torch.where(chosen("sharpness"), blurred, degenerate)
     factor = (1 + 0.9 * MAGNITUDE * signs).view(-1, 1, 1, 1)
     out = (degenerate + factor * (images - degenerate)).clamp(0, 1)  # the other ops: degenerate is the image
-    out = torch.where(chosen("posterize"), torch.floor(images * 255 / 2) * 2 / 255, out)  # keep 7 of 8 bits
+    # Keep 7 of 8 bits. A whole pixel value (a shifted crop copies them) can come out of the float arithmetic a
+    # hair below itself, and a bare floor would then take an even value down by 2: the 1e-3 keeps it.
+    out = torch.where(chosen("posterize"), torch.floor(images * (255 / 2) + 1e-3) * 2 / 255, out)
     out = torch.where(chosen("solarize") & (images >= 1 - MAGNITUDE), 1 - images, out)
     low, high = images.amin(dim=(2, 3), keepdim=True), images.amax(dim=(2, 3), keepdim=True)
     stretched = (images - low) / (high - low).clamp(min=1 / 255)
@@ -212,10 +230,11 @@ def colour_ops(images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor) -> 
     return torch.where(chosen("autocontrast") & (high - low >= 0.5 / 255), stretched, out)
 
 
-def warp(images: torch.Tensor, crops: torch.Tensor, ops: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-    """images (B, C, H, W) resampled (bilinear) through `crops` (B, 3, 3, from `crop_flip_matrices`) and then the
-    RandAugment ops `ops` ((B, 3, 3) each, from `geometric_op_matrices`, in the order applied), in one
-    `F.grid_sample`.
+def warp(images: torch.Tensor, crops: torch.Tensor, ops: tuple[torch.Tensor, ...] = (),
+         black_outside: bool = False) -> torch.Tensor:
+    """images (B, C, H, W) resampled (bilinear) through `crops` (B, 3, 3, from `crop_flip_matrices` or, with
+    black_outside=True, `shifted_crop_flip_matrices`) and then the RandAugment ops `ops` ((B, 3, 3) each, from
+    `geometric_op_matrices`, in the order applied), in one `F.grid_sample`.
 
     The ops see only their crop, as in torchvision: what each brings in from outside the image it was given is
     black, fading over one pixel as torchvision's bilinear sampling with zero padding does (sampling with "border"
@@ -233,9 +252,11 @@ def warp(images: torch.Tensor, crops: torch.Tensor, ops: tuple[torch.Tensor, ...
         inside = inside * (inside_x * inside_y).unsqueeze(1)
     matrices = crops if chain is None else crops @ chain
     grid = F.affine_grid(matrices[:, :2], list(images.shape), align_corners=False)  # (B, H, W, 2)
-    # "border": a crop's outer samples can fall in the last half pixel before the image's edge, where "zeros"
-    # would blend in black; "border" repeats the edge instead, as a crop of the image itself would.
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # "border": a resized crop's outer samples can fall in the last half pixel before the image's edge, where
+    # "zeros" would blend in black; "border" repeats the edge instead, as a crop of the image itself would. A
+    # shifted crop reaches outside the image on purpose, and what it finds there is black ("zeros").
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros" if black_outside else "border",
+                        align_corners=False)
     return out if chain is None else out * inside
 
 
@@ -253,7 +274,9 @@ def send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 class DeviceAugment:
     """uint8 (B, 3, S, S) on any device -> float32 normalised, augmented with `policy` ("none", "basic", "strong").
-    Random numbers come from a CPU generator, so results depend on (seed, epoch), not on the device.
+    Random numbers come from a CPU generator, so results depend on (seed, epoch), not on the device. The crops are
+    random resized crops keeping a `scale` share of the area, or with `padding` = P shifts of up to P pixels
+    (`data.build_transforms`).
 
     `compile=True` runs the device part (resampling, colour ops, normalisation) through `torch.compile`: a few
     fused kernels instead of about 150 small ones per strong batch, which matters where launching kernels, not
@@ -263,8 +286,9 @@ class DeviceAugment:
     """
 
     def __init__(self, policy: str = "basic", mean=NORMALIZE_MEAN, std=NORMALIZE_STD, scale=None,
-                 compile: bool = False):
-        self.policy, self.scale = _augment_policy(policy), checked_crop_scale(scale)
+                 compile: bool = False, *, padding: int | None = None):
+        self.policy = _augment_policy(policy)
+        self.scale, self.padding = checked_crop(scale, padding)
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         self.compiled = compiled_augment_on_device() if compile and self.policy != "none" else None
         self._compiled_ran = False  # after one batch ran compiled, its errors are real errors, not the compiler's
@@ -275,8 +299,9 @@ class DeviceAugment:
             self.mean, self.std = send(self.mean, device), send(self.std, device)
         if self.policy == "none":
             return augment_on_device(images, None, None, self.mean, self.std)
-        batch = len(images)
-        crops = crop_flip_matrices(batch, generator, self.scale)
+        batch, shifted = len(images), self.padding is not None
+        crops = (shifted_crop_flip_matrices(batch, generator, self.padding, images.shape[-1]) if shifted
+                 else crop_flip_matrices(batch, generator, self.scale))
         if self.policy != "strong":
             matrices, ops_and_signs = send(crops.unsqueeze(0), device), None  # (1, B, 3, 3)
         else:
@@ -288,7 +313,7 @@ class DeviceAugment:
             ops_and_signs = send(torch.stack([ops.float(), signs]), device)  # (2, 2, B)
         if self.compiled is not None:
             try:
-                out = self.compiled(images, matrices, ops_and_signs, self.mean, self.std)
+                out = self.compiled(images, matrices, ops_and_signs, self.mean, self.std, shifted)
             except Exception as error:
                 if self._compiled_ran or isinstance(error, torch.OutOfMemoryError):
                     raise  # not the compiler's doing: the plain version would fail the same way
@@ -298,17 +323,18 @@ class DeviceAugment:
             else:
                 self._compiled_ran = True
                 return out
-        return augment_on_device(images, matrices, ops_and_signs, self.mean, self.std)
+        return augment_on_device(images, matrices, ops_and_signs, self.mean, self.std, shifted)
 
 
 def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_and_signs: torch.Tensor | None,
-                      mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+                      mean: torch.Tensor, std: torch.Tensor, black_outside: bool = False) -> torch.Tensor:
     """`DeviceAugment`'s arithmetic on the device: uint8 `images` (B, 3, S, S) -> float32, resampled through
-    `matrices` ((1 or 3, B, 3, 3): the crops, then the two geometric ops; None: no resampling), recoloured by
-    `ops_and_signs` ((2, 2, B): the strong policy's two ops and their signs, as floats; None: none), normalised."""
+    `matrices` ((1 or 3, B, 3, 3): the crops, then the two geometric ops; None: no resampling; `black_outside`
+    as in `warp`), recoloured by `ops_and_signs` ((2, 2, B): the strong policy's two ops and their signs, as
+    floats; None: none), normalised."""
     x = images.float().div_(255)
     if matrices is not None:
-        x = warp(x, matrices[0], tuple(matrices[1:]))
+        x = warp(x, matrices[0], tuple(matrices[1:]), black_outside)
     if ops_and_signs is not None:
         ops, signs = ops_and_signs[0].long(), ops_and_signs[1]
         x = colour_ops(colour_ops(x, ops[0], signs[0]), ops[1], signs[1])
@@ -434,7 +460,7 @@ def _place(parts: list[torch.Tensor], device: torch.device, keep_on_device: bool
 def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, device=None,
                         test_fraction: float = 0.15, seed: int = 42, augment: bool | str = True,
                         cache_dir=None, *, crop_scale: tuple[float, float] | None = None,
-                        mean=NORMALIZE_MEAN, std=NORMALIZE_STD,
+                        crop_padding: int | None = None, mean=NORMALIZE_MEAN, std=NORMALIZE_STD,
                         keep_on_device: bool | None = None, num_replicas: int | None = None,
                         rank: int | None = None, compile_augment: bool = False,
                         ) -> tuple[CachedImageLoader, CachedImageLoader, list[str]]:
@@ -443,7 +469,8 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     `data_dir`: a folder or a name understood by `resolve_dataset`. The decoded images are saved in
     `cache_dir` (default <data>/.cache) as vit_cache_<split>_<size>.pt and reused while the files are unchanged.
     The split of a folder without train/ and test/ is `stratified_split`'s, as in `make_dataloaders`.
-    `crop_scale`: the training crops' share of the area (default RANDOM_CROP_SCALE), as in `make_dataloaders`.
+    `crop_scale`: the training crops' share of the area (default RANDOM_CROP_SCALE), or `crop_padding`: shifted
+    crops instead, as in `make_dataloaders`.
     `compile_augment`: the training augmentation through `torch.compile` (`DeviceAugment(compile=True)`). Under
     torch.distributed each process gets its shard (num_replicas and rank override that, e.g. for tests); rank 0
     builds the cache while the others wait.
@@ -472,7 +499,8 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     targets = targets.to(device)
     shared = dict(seed=seed, num_replicas=num_replicas, rank=rank)
     train = CachedImageLoader(images, targets, train_rows, classes, batch_size, device, train=True,
-                              augment=DeviceAugment(augment, mean, std, crop_scale, compile=compile_augment), **shared)
+                              augment=DeviceAugment(augment, mean, std, crop_scale, compile=compile_augment,
+                                                    padding=crop_padding), **shared)
     if len(train) == 0:
         raise ValueError(f"the training set has {len(train.sampler)} images per process, fewer than batch_size "
                          f"{batch_size}: lower batch_size.")

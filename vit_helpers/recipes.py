@@ -35,6 +35,7 @@ class Recipe:
     cutmix_alpha: float = 0.0  # > 0: CutMix; with both, one of the two per batch
     augment: bool | str = True  # True/"basic": random resized crop + flip; "strong": + RandAugment; False: none
     crop_scale: tuple[float, float] | None = None  # the random crops' share of the area; None: data.RANDOM_CROP_SCALE
+    crop_padding: int | None = None  # pixels: shifted crops (CIFAR's usual, 4) instead of random resized crops
     cached: bool = False  # decode once and augment on the device (vit_helpers.gpu_data.make_cached_loaders)
     compile_augment: bool = False  # with cached: the augmentation through torch.compile (a few fused kernels)
     compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead" (CUDA graphs); None: default
