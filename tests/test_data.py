@@ -448,6 +448,49 @@ def test_cached_batches_have_the_right_shapes_and_match_the_plain_loader(tmp_pat
     assert torch.equal(cached_labels, plain_labels) and torch.allclose(cached, plain, atol=1e-6)
 
 
+def test_a_cached_loader_draws_several_batches_augmentations_at_once_and_each_batch_gets_its_own(tmp_path,
+                                                                                                   monkeypatch):
+    """One draw of parameters per IMAGES_DRAWN_AT_ONCE images, always of that many (every batch's slice then has
+    the same layout), each batch augmented with its own slice: here mirror-only crops (crop_padding 0), so each
+    image comes out as itself or its mirror, as its slice's flip says."""
+    root = make_tree(tmp_path / "tree", per_class=10, size=(8, 8))
+    monkeypatch.setattr(gpu_data, "IMAGES_DRAWN_AT_ONCE", 8)
+    train, _, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu", crop_padding=0,
+                                      cache_dir=tmp_path / "cache")
+    draws, draw = [], train.augment.draw
+    monkeypatch.setattr(train.augment, "draw", lambda *args: draws.append(draw(*args)) or draws[-1])
+    train.set_epoch(3)
+    batches = list(train)
+    assert len(batches) == 6 and len(draws) == 3  # 25 training images: 6 batches of 4, two batches per draw
+    assert all(matrices.shape == (1, 8, 3, 3) and ops is None for matrices, ops in draws)
+    rows = train.rows[torch.tensor(list(train.sampler))]
+    for index, (images, _) in enumerate(batches):
+        flips = draws[index // 2][0][0, 4 * (index % 2):4 * (index % 2) + 4, 0, 0]
+        originals = train.images[rows[4 * index:4 * index + 4]].float() / 255 * 2 - 1  # normalised as the loader does
+        for flip, original, image in zip(flips, originals, images):
+            torch.testing.assert_close(image, original.flip(-1) if flip < 0 else original, rtol=0, atol=1e-5)
+
+
+def test_a_compiled_loader_augmentation_compiles_once_for_every_batch(tmp_path, monkeypatch):
+    """Each batch's slice of the parameters drawn at once has the same layout, so torch.compile (which guards on
+    shapes and strides) builds one graph for all of them, not one more per slice or draw."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    monkeypatch.setattr(gpu_data, "compiled_augment_on_device",
+                        lambda: torch.compile(gpu_data.augment_on_device, backend=counter, dynamic=False))
+    monkeypatch.setattr(gpu_data, "IMAGES_DRAWN_AT_ONCE", 8)
+    root = make_tree(tmp_path / "tree", per_class=10, size=(8, 8))
+    train, _, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu", augment="strong",
+                                      cache_dir=tmp_path / "cache", compile_augment=True)
+    for epoch in (0, 1):
+        train.set_epoch(epoch)
+        assert len(list(train)) == 6  # three draws each epoch, two batches' slices per draw
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("augment", [True, "strong"])
 def test_cached_epochs_are_a_function_of_seed_and_epoch(tmp_path, augment):
     root = make_split_tree(tmp_path / "data")

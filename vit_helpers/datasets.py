@@ -740,8 +740,8 @@ T = TypeVar("T")
 
 def rank_zero_first(fetch: Callable[[], T]) -> T:
     """fetch() in every process of a torchrun job without a race: rank 0 downloads and prepares (or decodes and
-    caches) while the other ranks wait, then they call fetch() too and find the work done. If rank 0 fails, every rank raises a
-    DatasetError, so no one waits for ever. Outside torch.distributed it is just fetch().
+    caches) while the other ranks wait, then they call fetch() too and find the work done. If rank 0 fails, every
+    rank raises a DatasetError, so no one waits for ever. Outside torch.distributed it is just fetch().
 
     The data folder must be shared by the ranks (one machine, or a shared file system).
     """

@@ -294,23 +294,38 @@ class DeviceAugment:
         self._compiled_ran = False  # after one batch ran compiled, its errors are real errors, not the compiler's
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`images` augmented with parameters drawn from `generator` now."""
+        return self.apply(images, self.draw(len(images), generator, images.shape[-1], images.device))
+
+    def draw(self, count: int, generator: torch.Generator | None, size: int, device) -> tuple | None:
+        """The random parameters of `count` images of `size` px: drawn on the CPU, sent to `device` in at most two
+        copies. (matrices (1 or 3, count, 3, 3): the crops, then the strong policy's two geometric ops;
+        ops_and_signs (2, 2, count) or None: its two ops and their signs, as floats); None for policy "none".
+
+        Drawing takes about 200 small CPU operations whatever the count, so `CachedImageLoader` draws many
+        batches' parameters at once and gives each batch its slice (`draws_slice`): where a small model's step
+        takes milliseconds, a fifth of one per batch is worth saving."""
+        if self.policy == "none":
+            return None
+        crops = (shifted_crop_flip_matrices(count, generator, self.padding, size) if self.padding is not None
+                 else crop_flip_matrices(count, generator, self.scale))
+        if self.policy != "strong":
+            return send(crops.unsqueeze(0), torch.device(device)), None  # (1, count, 3, 3)
+        ops = torch.randint(len(RANDAUGMENT_OPS), (2, count), generator=generator)
+        signs = torch.where(torch.rand(2, count, generator=generator) < 0.5, -1.0, 1.0)
+        matrices = torch.stack([crops, *(geometric_op_matrices(ops[i], signs[i]) for i in range(2))])
+        device = torch.device(device)
+        return send(matrices, device), send(torch.stack([ops.float(), signs]), device)  # (3, count, 3, 3), (2, 2, N)
+
+    def apply(self, images: torch.Tensor, draws: tuple | None) -> torch.Tensor:
+        """`images` (uint8 (B, 3, S, S)) augmented with `draws` (`draw`'s, for these B images, on their device)."""
         device = images.device
         if self.mean.device != device:
             self.mean, self.std = send(self.mean, device), send(self.std, device)
-        if self.policy == "none":
+        if draws is None:
             return augment_on_device(images, None, None, self.mean, self.std)
-        batch, shifted = len(images), self.padding is not None
-        crops = (shifted_crop_flip_matrices(batch, generator, self.padding, images.shape[-1]) if shifted
-                 else crop_flip_matrices(batch, generator, self.scale))
-        if self.policy != "strong":
-            matrices, ops_and_signs = send(crops.unsqueeze(0), device), None  # (1, B, 3, 3)
-        else:
-            ops = torch.randint(len(RANDAUGMENT_OPS), (2, batch), generator=generator)
-            signs = torch.where(torch.rand(2, batch, generator=generator) < 0.5, -1.0, 1.0)
-            # Everything drawn on the CPU goes over in two copies per batch: the crop and op matrices, the ops.
-            matrices = send(torch.stack([crops, *(geometric_op_matrices(ops[i], signs[i]) for i in range(2))]),
-                            device)  # (3, B, 3, 3)
-            ops_and_signs = send(torch.stack([ops.float(), signs]), device)  # (2, 2, B)
+        matrices, ops_and_signs = draws
+        shifted = self.padding is not None
         if self.compiled is not None:
             try:
                 out = self.compiled(images, matrices, ops_and_signs, self.mean, self.std, shifted)
@@ -318,12 +333,20 @@ class DeviceAugment:
                 if self._compiled_ran or isinstance(error, torch.OutOfMemoryError):
                     raise  # not the compiler's doing: the plain version would fail the same way
                 warnings.warn(f"compiling the augmentation failed, so it runs uncompiled ({type(error).__name__}: "
-                              f"{error})", stacklevel=2)
+                              f"{error})", stacklevel=3)
                 self.compiled = None
             else:
                 self._compiled_ran = True
                 return out
         return augment_on_device(images, matrices, ops_and_signs, self.mean, self.std, shifted)
+
+
+def draws_slice(draws: tuple | None, start: int, stop: int) -> tuple | None:
+    """Images start to stop of `DeviceAugment.draw`'s parameters: views, no copy and no kernel."""
+    if draws is None:
+        return None
+    matrices, ops_and_signs = draws
+    return matrices[:, start:stop], None if ops_and_signs is None else ops_and_signs[..., start:stop]
 
 
 def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_and_signs: torch.Tensor | None,
@@ -380,6 +403,10 @@ class CachedImages:
         return len(self.targets)
 
 
+#: How many training images' augmentation parameters a cached loader draws at once (about 1.6 MB of them).
+IMAGES_DRAWN_AT_ONCE = 16384
+
+
 class CachedImageLoader:
     """Batches (images float32 (B, 3, S, S) normalised, labels int64 (B,)) on `device` from decoded images.
 
@@ -423,9 +450,21 @@ class CachedImageLoader:
         # An independent stream per (seed, epoch, rank): resuming at an epoch replays it exactly.
         stream = np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(stream))
+        size, draws, draw_size = self.images.shape[-1], None, self.images_drawn_at_once
         for start in range(0, len(self) * self.batch_size, self.batch_size):
+            offset = start % draw_size
+            if offset == 0:
+                draws = self.augment.draw(draw_size, generator, size, self.device)
             images = self._gather(epoch_rows[start:start + self.batch_size])
-            yield self.augment(images, generator), epoch_labels[start:start + self.batch_size]
+            yield (self.augment.apply(images, draws_slice(draws, offset, offset + len(images))),
+                   epoch_labels[start:start + self.batch_size])
+
+    @property
+    def images_drawn_at_once(self) -> int:
+        """The augmentation's parameters are drawn for several batches at a time (DeviceAugment.draw), always this
+        many images' worth, so that every batch's slice of them has the same memory layout: one compiled graph
+        serves every batch."""
+        return max(1, IMAGES_DRAWN_AT_ONCE // self.batch_size) * self.batch_size
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         """The images of `rows` on the device: uint8 (B, 3, S, S)."""
