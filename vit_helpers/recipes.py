@@ -104,7 +104,8 @@ RECIPES: dict[str, Recipe] = {
         label_smoothing=0.1,
         augment="strong",  # random resized crop + flip + RandAugment: a ViT overfits 50,000 images without it
         # Crops of 80-100% of the area, near the published 32 px recipes (CCT's scale (0.8, 1); others pad by 4 px
-        # and crop 32: shifts, no zoom): on a 32 px image a 35% crop is 19 px blown up to 32, too little to learn.
+        # and crop 32: shifts, no zoom, crop_padding=4): on a 32 px image a 35% crop is 19 px blown up to 32, too
+        # little to learn.
         crop_scale=(0.8, 1.0),
         cached=True,
         checkpoint_every=10,  # an epoch takes seconds here; writing ~100 MB after each would cost 5-20% of them
