@@ -81,7 +81,9 @@ def test_smoke_run_measures_every_check_and_saves_them(gpu_checks, archive, tmp_
     runs = results["pace"]["runs"]  # the default --pace-runs, each at batch 16 in smoke mode
     assert [(run["batch_size"], run["compile_mode"]) for run in runs] == \
         [(16, None), (16, "reduce-overhead"), (16, None)]
-    assert all(run["ms_per_step"] > 0 and len(run["history"]) == 1 for run in runs)  # the smoke recipe: 1 epoch
+    # Two epochs in smoke mode, the second resumed from a checkpoint on the same model, as the cifar check does
+    assert all(run["ms_per_step"] > 0 and [r["epoch"] for r in run["history"]] == [1, 2] for run in runs)
+    assert not (tmp_path / "work" / "pace_checkpoint.pt").exists()
     assert set(results["pace"]["loader_ms_per_batch"]) == {"16", "16 compiled"}  # the loader alone, both ways
     assert results["pace"]["augmentation_agreement"]["16"] > 0.999  # compiled = plain augmentation
     [same_run] = [row for row in results["summary"] if "reduce-overhead mode's run vs default" in row[1]]
