@@ -17,7 +17,8 @@ Checks (`--checks`, comma-separated, or all; matmul,models,data by default):
           of --pace-runs (default 512, 512 with CUDA graphs, 2048), three epochs of the recipe's schedule with the
           real cached loaders, the last two resumed from a checkpoint as the cifar check resumes after its probe:
           ms per training step, training img/s, seconds per epoch with the evaluation (epoch 3's), the first
-          epoch's (the compilations), and whether CUDA graphs were skipped where the mode asked for them; each mode's run against the first of its batch size (the same seeds: the same weights, loss and
+          epoch's (the compilations), and whether CUDA graphs were skipped where the mode asked for them;
+          each mode's run against the first of its batch size (the same seeds: the same weights, loss and
           accuracies to rounding, or a FAIL); the augmentation alone, plain and compiled, ms per batch, and
           whether the two agree. Its last line suggests the cifar check's --cifar-set flags
           (`suggest_cifar_settings` has the rule).
