@@ -464,6 +464,7 @@ def test_every_epoch_tells_the_distributed_sampler_its_number_also_after_resumin
     run(resume=True)
     assert epochs_set == [0, 1, 2]
 
+
 def test_a_recipe_builds_the_model_and_training_configs_it_names():
     from vit_helpers.recipes import RECIPES, get_recipe
 
