@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # use this checkout's vit_helpers even where it is not pip-installed
 
 from vit_helpers import bench, training  # noqa: E402
+from vit_helpers.data import _augment_policy, checked_crop  # noqa: E402
 from vit_helpers.files import atomic_write  # noqa: E402
 from vit_helpers.model import ViT, ViTConfig  # noqa: E402
 from vit_helpers.recipes import get_recipe  # noqa: E402
@@ -126,8 +127,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.checks) - set(CHECKS)
     if unknown:
         parser.error(f"unknown check(s) {', '.join(sorted(unknown))}: choose from {', '.join(CHECKS)}")
-    try:
-        with_changes(get_recipe("cifar10"), args.cifar_set)
+    try:  # every --cifar-set checked here, in a second, not after the images are unpacked on the device
+        recipe = with_changes(get_recipe("cifar10"), args.cifar_set)
+        recipe.model_config(num_classes=10), recipe.train_config()
+        checked_crop(recipe.crop_scale, recipe.crop_padding)
+        _augment_policy(recipe.augment)
     except (ValueError, TypeError) as error:
         parser.error(str(error))
     if args.smoke:  # tiny everything, so that a CPU gets through it in a minute or two

@@ -183,6 +183,14 @@ def test_recipe_changes_are_parsed_as_the_fields_types(gpu_checks, capsys):
     resized = gpu_checks.with_changes(shifted, ["crop_scale=0.5,1"])
     assert (resized.crop_padding, resized.crop_scale) == (None, (0.5, 1.0))
     assert gpu_checks.with_changes(resized, ["crop_scale=none"]).crop_scale is None
+    # Values the loaders or the model would refuse are refused here, before the device unpacks any image.
+    for bad, message in ((["crop_scale=0.5,1", "crop_padding=4"], "choose between two kinds of crop"),
+                         (["crop_padding=-2"], "crop_padding must be a whole number of pixels"),
+                         (["crop_scale=2,3"], "crop_scale must be"), (["augment=strnog"], "strnog"),
+                         (['model_overrides={"num_heads": 5}'], "num_heads")):
+        with pytest.raises(SystemExit):
+            gpu_checks.parse_args([arg for value in bad for arg in ("--cifar-set", value)])
+        assert message in capsys.readouterr().err, bad
 
 
 def test_cifar_check_probes_then_finishes_the_schedule(gpu_checks, archive, tmp_path):

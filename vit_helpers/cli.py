@@ -119,11 +119,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CutMix on every batch (0: off); with --mixup too, each batch gets one of the two")
     parser.add_argument("--augment", choices=("none", "basic", "strong"))
     parser.add_argument("--crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                        help="the random crops' share of the image area, e.g. 0.8 1.0 (default: the loaders', "
-                             "vit_helpers.data.RANDOM_CROP_SCALE)")
+                        help="the random resized crops' share of the image area, e.g. 0.8 1.0 (default: the "
+                             "loaders', vit_helpers.data.RANDOM_CROP_SCALE); replaces a recipe's --crop-padding")
     parser.add_argument("--crop-padding", type=non_negative_int, metavar="PIXELS",
                         help="random crops that shift the image by up to PIXELS (black comes in), e.g. 4, CIFAR's "
-                             "usual, instead of random resized crops")
+                             "usual, instead of random resized crops; replaces a recipe's --crop-scale")
     parser.add_argument("--cached", action=argparse.BooleanOptionalAction,
                         help="decode the images once and augment them on the device (fast on GPUs)")
     parser.add_argument("--num-workers", type=non_negative_int,

@@ -479,7 +479,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | str | None = None,
 
 #: What a test loader split for DDP keeps of the user's loader (besides the dataset and the batching).
 LOADER_SETTINGS = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
-                   "generator", "prefetch_factor", "persistent_workers")
+                   "generator", "prefetch_factor", "persistent_workers", "pin_memory_device", "in_order")
 
 
 def evaluation_loader(loader, rank: int, world_size: int):
@@ -494,7 +494,7 @@ def evaluation_loader(loader, rank: int, world_size: int):
     if world_size == 1:
         return loader, False
     if isinstance(loader, DataLoader) and isinstance(loader.sampler, SequentialSampler):
-        settings = {name: getattr(loader, name) for name in LOADER_SETTINGS}
+        settings = {name: getattr(loader, name) for name in LOADER_SETTINGS if hasattr(loader, name)}  # any torch
         batching = loader.batch_sampler
         # DataLoader's own batching (batch_size=N, or none) is redone over this rank's samples; any other is the
         # user's, and kept.
@@ -517,7 +517,9 @@ def evaluation_loader(loader, rank: int, world_size: int):
 def _same_batches_everywhere(batches: list) -> list:
     """The batches, once every process has checked that they are the same everywhere: a batch_sampler that
     shuffles, or that is already split per process, would make the split miss some samples and count others twice."""
-    fingerprint = int(hashlib.sha256(repr(batches).encode()).hexdigest()[:13], 16)  # 52 bits: exact in float64
+    # Every index spelled out: the repr of a long tensor or array would elide the middle ("...").
+    spelled = repr([[int(index) for index in batch] for batch in batches])
+    fingerprint = int(hashlib.sha256(spelled.encode()).hexdigest()[:13], 16)  # 52 bits: exact in float64
     highest, negated_lowest = _all_reduce(fingerprint, -fingerprint, op=dist.ReduceOp.MAX)
     if highest != -negated_lowest:
         raise ValueError("the test loader's batch_sampler gives different batches in different processes (it "
