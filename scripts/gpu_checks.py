@@ -58,10 +58,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # use this checkout's vit_helpers even where it is not pip-installed
 
 from vit_helpers import bench, training  # noqa: E402
-from vit_helpers.data import _augment_policy, checked_crop  # noqa: E402
 from vit_helpers.files import atomic_write  # noqa: E402
 from vit_helpers.model import ViT, ViTConfig  # noqa: E402
-from vit_helpers.recipes import get_recipe  # noqa: E402
+from vit_helpers.recipes import get_recipe, one_kind_of_crop  # noqa: E402
 
 CHECKS = ("matmul", "models", "data", "pace", "cifar")
 DEFAULT_CHECKS = ("matmul", "models", "data")
@@ -128,10 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown check(s) {', '.join(sorted(unknown))}: choose from {', '.join(CHECKS)}")
     try:  # every --cifar-set checked here, in a second, not after the images are unpacked on the device
-        recipe = with_changes(get_recipe("cifar10"), args.cifar_set)
-        recipe.model_config(num_classes=10), recipe.train_config()
-        checked_crop(recipe.crop_scale, recipe.crop_padding)
-        _augment_policy(recipe.augment)
+        with_changes(get_recipe("cifar10"), args.cifar_set).check()
     except (ValueError, TypeError) as error:
         parser.error(str(error))
     if args.smoke:  # tiny everything, so that a CPU gets through it in a minute or two
@@ -357,10 +353,7 @@ def with_changes(recipe, assignments: list[str]):
         else:
             value = type(current)(text)
         changes[name] = value
-    for kind, other in (("crop_scale", "crop_padding"), ("crop_padding", "crop_scale")):
-        if changes.get(kind) is not None and other not in changes:  # as on the command line: the kind of crop
-            changes[other] = None
-    return replace(recipe, **changes)
+    return replace(recipe, **one_kind_of_crop(changes))  # as on the command line
 
 
 def epochs_that_fit(planned: int, done: int, elapsed: float, pace: float, budget: float,
@@ -401,15 +394,28 @@ def augmentations_agree(plain_loader, compiled_loader) -> float:
     return float(((got - expected).abs() < 1e-4).float().mean())
 
 
-def check_pace(args, device, results) -> list[tuple]:
-    """Three epochs of the cifar10 recipe for each (batch size, compile mode) of --pace-runs; see the module's doc."""
-    from vit_helpers.gpu_data import make_cached_loaders
-
-    recipe = with_changes(get_recipe("cifar10", device.type), args.cifar_set)
+def cifar_recipe_and_folder(args, device):
+    """The cifar10 recipe with --cifar-set applied, and the JPEG folder unpacked for it (8 images per class in
+    smoke mode): what the pace and cifar checks both train on."""
     per_class = 8 if args.smoke else None
     folder = unpack_cifar_jpegs(args.cifar_archive, args.work_dir / ("cifar10-jpeg-smoke" if args.smoke
                                                                      else "cifar10-jpeg"),
                                 train_per_class=per_class, test_per_class=per_class)
+    return with_changes(get_recipe("cifar10", device.type), args.cifar_set), folder
+
+
+def recipe_loaders(recipe, folder: Path, batch_size: int, device, compile_augment: bool):
+    """`make_cached_loaders` for `folder` with the recipe's image size, augmentation and crops."""
+    from vit_helpers.gpu_data import make_cached_loaders
+
+    return make_cached_loaders(folder, image_size=recipe.image_size, batch_size=batch_size, device=device,
+                               augment=recipe.augment, crop_scale=recipe.crop_scale,
+                               crop_padding=recipe.crop_padding, compile_augment=compile_augment)
+
+
+def check_pace(args, device, results) -> list[tuple]:
+    """Three epochs of the cifar10 recipe for each (batch size, compile mode) of --pace-runs; see the module's doc."""
+    recipe, folder = cifar_recipe_and_folder(args, device)
     rows, runs, loader_ms, agreements, reference_weights = [], [], {}, {}, {}
     augment_fell_back = False
     compile_augment = recipe.compile_augment  # --cifar-set compile_augment=true
@@ -426,10 +432,7 @@ def check_pace(args, device, results) -> list[tuple]:
     for batch, mode in args.pace_runs:
         batch = min(batch, 16) if args.smoke else batch
         torch._dynamo.reset()  # each run compiles afresh, as the cifar check would
-        loaders = {compiled: make_cached_loaders(folder, image_size=recipe.image_size, batch_size=batch,
-                                                 device=device, augment=recipe.augment, crop_scale=recipe.crop_scale,
-                                                 crop_padding=recipe.crop_padding, compile_augment=compiled)
-                   for compiled in (False, True)}
+        loaders = {compiled: recipe_loaders(recipe, folder, batch, device, compiled) for compiled in (False, True)}
         # The loader alone, plain and compiled, once per batch size: what the augmentation costs of a step.
         for compiled, (loader, _, _) in loaders.items():
             key = f"{batch}{' compiled' if compiled else ''}"
@@ -598,22 +601,12 @@ def same_run_in_every_mode(runs: list[dict]) -> list[tuple]:
 
 
 def check_cifar(args, device, results) -> list[tuple]:
-    from vit_helpers.gpu_data import make_cached_loaders
-
-    recipe = with_changes(get_recipe("cifar10", device.type), args.cifar_set)
-    per_class = 8 if args.smoke else None
-    name = "cifar10-jpeg-smoke" if args.smoke else "cifar10-jpeg"
-    folder = unpack_cifar_jpegs(args.cifar_archive, args.work_dir / name, train_per_class=per_class,
-                                test_per_class=per_class)
+    recipe, folder = cifar_recipe_and_folder(args, device)
     batch_size = 16 if args.smoke else recipe.batch_size
     compile_augment = recipe.compile_augment  # --cifar-set compile_augment=true
     epochs = args.cifar_epochs or recipe.epochs
     started = time.perf_counter()
-    train_loader, test_loader, classes = make_cached_loaders(folder, image_size=recipe.image_size,
-                                                             batch_size=batch_size, device=device,
-                                                             augment=recipe.augment, crop_scale=recipe.crop_scale,
-                                                             crop_padding=recipe.crop_padding,
-                                                             compile_augment=compile_augment)
+    train_loader, test_loader, classes = recipe_loaders(recipe, folder, batch_size, device, compile_augment)
     torch.manual_seed(0)
     model = ViT(recipe.model_config(num_classes=len(classes)))
     # One checkpoint, after the probe below: this measures the recipe, not the disk.

@@ -477,6 +477,7 @@ def test_a_recipe_builds_the_model_and_training_configs_it_names():
                 train_config.warmup_epochs, train_config.label_smoothing, train_config.checkpoint_every,
                 train_config.seed) == (recipe.epochs, recipe.batch_size, recipe.lr, recipe.weight_decay,
                                        recipe.warmup_epochs, recipe.label_smoothing, recipe.checkpoint_every, 7)
+        assert recipe.check() is recipe and recipe.for_device("cuda").check(), name  # nothing a loader refuses
     assert get_recipe("demo", "cuda").model_config(10).embed_dim == 384  # the GPU variant is ViT-S/4
 
 

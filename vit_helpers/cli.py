@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from vit_helpers import plots, training  # noqa: E402
 from vit_helpers.files import atomic_write  # noqa: E402
 from vit_helpers.model import ViT, ViTConfig  # noqa: E402
-from vit_helpers.recipes import RECIPES, Recipe, get_recipe  # noqa: E402
+from vit_helpers.recipes import RECIPES, Recipe, get_recipe, one_kind_of_crop  # noqa: E402
 
 #: What `--resume` may change; everything else comes from the checkpoint, so the run continues as it began.
 RESUMABLE_FLAGS = ("data", "epochs", "device", "compile", "compile_mode", "compile_augment", "num_workers",
@@ -187,12 +187,7 @@ def run_settings(args, device_type: str) -> dict:
     given = given_flags(args)
     if "model" in given and not same_model(given["model"], recipe.model):
         settings["model_overrides"] = {}  # the recipe's changes to its own model: --model names another one
-    settings.update(given)
-    if "crop_scale" in given or "crop_padding" in given:  # the flag chooses the kind of crop, not the recipe
-        if "crop_scale" in given and "crop_padding" in given:
-            raise UsageError("--crop-scale (random resized crops) and --crop-padding (shifted crops) choose between "
-                             "two kinds of crop: give one of them.")
-        settings["crop_padding" if "crop_scale" in given else "crop_scale"] = None
+    settings.update(one_kind_of_crop(given))  # a crop flag chooses the kind of crop, not the recipe
     return settings
 
 

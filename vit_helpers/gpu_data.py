@@ -325,14 +325,14 @@ class DeviceAugment:
         takes milliseconds, the saving counts."""
         if self.policy == "none":
             return None
+        device = torch.device(device)
         crops = (shifted_crop_flip_matrices(count, generator, self.padding, size) if self.padding is not None
                  else crop_flip_matrices(count, generator, self.scale))
         if self.policy != "strong":
-            return send(crops.unsqueeze(0), torch.device(device)), None  # (1, count, 3, 3)
+            return send(crops.unsqueeze(0), device), None  # (1, count, 3, 3)
         ops = torch.randint(len(RANDAUGMENT_OPS), (2, count), generator=generator)
         signs = torch.where(torch.rand(2, count, generator=generator) < 0.5, -1.0, 1.0)
         matrices = torch.stack([crops, *(geometric_op_matrices(ops[i], signs[i]) for i in range(2))])
-        device = torch.device(device)
         return send(matrices, device), send(torch.stack([ops.float(), signs]), device)  # (3, count, 3, 3), (2, 2, N)
 
     def apply(self, images: torch.Tensor, draws: tuple | None) -> torch.Tensor:

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from vit_helpers.data import _augment_policy, checked_crop
 from vit_helpers.model import ViTConfig
 from vit_helpers.training import TrainConfig
 
@@ -55,6 +56,21 @@ class Recipe:
     def for_device(self, device_type: str) -> "Recipe":
         """The recipe as it runs on `device_type` ("cpu" or "cuda"): `on_gpu` applied on CUDA."""
         return dataclasses.replace(self, **self.on_gpu) if device_type == "cuda" and self.on_gpu else self
+
+    def check(self) -> "Recipe":
+        """The recipe, once what the model, the optimiser or the loaders would refuse has been found now, before
+        any data is read: a ValueError that says what."""
+        self.model_config(num_classes=2), self.train_config()
+        checked_crop(self.crop_scale, self.crop_padding), _augment_policy(self.augment)
+        return self
+
+
+def one_kind_of_crop(changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes` to a recipe's fields, with the other kind of crop cleared where they set one kind (`crop_scale`:
+    random resized crops; `crop_padding`: shifted crops), so that choosing a kind replaces the recipe's kind
+    instead of clashing with it. Both set: left for `data.checked_crop` to refuse."""
+    scale, padding = (changes.get(name) is not None for name in ("crop_scale", "crop_padding"))
+    return {**changes, ("crop_padding" if scale else "crop_scale"): None} if scale != padding else changes
 
 
 RECIPES: dict[str, Recipe] = {
