@@ -69,7 +69,8 @@ def test_unpack_keeps_the_split_class_file_layout_and_stays_inside(gpu_checks, a
 def test_smoke_run_measures_every_check_and_saves_them(gpu_checks, archive, tmp_path, capsys):
     results_path = tmp_path / "results.json"
     code = gpu_checks.main(["--smoke", "--checks", "all", "--device", "cpu", "--cifar-archive", str(archive),
-                            "--work-dir", str(tmp_path / "work"), "--json", str(results_path)])
+                            "--work-dir", str(tmp_path / "work"), "--json", str(results_path),
+                            "--sweep-epochs", "1"])  # six processes on two cores: one epoch each is enough here
     output = capsys.readouterr().out
     assert code == 0, output
     results = json.loads(results_path.read_text())
@@ -87,14 +88,16 @@ def test_smoke_run_measures_every_check_and_saves_them(gpu_checks, archive, tmp_
     assert set(results["pace"]["loader_ms_per_batch"]) == {"16", "16 compiled"}  # the loader alone, both ways
     assert results["pace"]["augmentation_agreement"]["16"] > 0.999  # compiled = plain augmentation
     [same_run] = [row for row in results["summary"] if "reduce-overhead mode's run vs default" in row[1]]
-    assert same_run[3:] == ["loss 1%, acc 0.01, weights 5%", "(smoke)"]  # a verdict, shown as (smoke) here
+    assert same_run[3:] == ["loss 1%, acc 0.01/0.02, weights 5%", "(smoke)"]  # a verdict, shown as (smoke) here
     assert runs[1]["weights_relative_difference"] == 0.0  # on the CPU no mode compiles: the very same run
     suggested = results["pace"]["suggested_cifar_settings"]  # nothing is faster on the CPU: the third branch
     assert suggested["flags"].startswith("--cifar-set epochs=1000 --cifar-set augment=basic")
     # The same seeds, so the same run whatever the batch size's place in the list (on the CPU no mode compiles)
     assert len({(run["train_loss"], run["test_accuracy"]) for run in runs}) == 1
     checks = {row[0] for row in results["summary"]}
-    assert checks == {"matmul", "models", "data", "pace", "cifar"}
+    assert checks == {"matmul", "models", "data", "pace", "cifar", "sweep"}
+    assert {variant["name"] for variant in results["sweep"]["variants"]} == {spec[0] for spec in
+                                                                             gpu_checks.DEFAULT_SWEEP}
     if ("timm", "train") in measured:  # the target as a verdict: ours / timm from the same run
         speed = {(r["implementation"], r["mode"]): r["images_per_second"] for r in results["models"]["results"]}
         verdicts = {row[1]: row[2] for row in results["summary"] if row[1].startswith("ours / timm")}
@@ -142,12 +145,20 @@ def test_pace_suggests_the_cifar_settings_by_its_rule(gpu_checks):
                       "--cifar-set compile_augment=true") and why.startswith("CUDA graphs: 3.48x")
     stale = run(512, "reduce-overhead", 80000) | {"weights_relative_difference": 0.3}  # fast but not the same run
     large, why = suggest([run(512, None, 23000), stale, run(2048, None, 60000)], agreement=0.9)
-    assert large == ("--cifar-set epochs=1000 --cifar-set batch_size=2048 --cifar-set lr=0.002 "
-                     "--cifar-set warmup_epochs=20") and why.endswith("augmentation plain")  # 0.9: disagreed
+    # The recipe's own CUDA graphs and compiled augmentation (on a GPU) are turned off where they were not chosen
+    assert large == ("--cifar-set epochs=1000 --cifar-set compile_mode=none --cifar-set batch_size=2048 "
+                     "--cifar-set lr=0.002 --cifar-set warmup_epochs=20 --cifar-set compile_augment=false")
+    assert why.endswith("augmentation plain")  # 0.9: disagreed
     neither, _ = suggest([run(512, None, 23000), run(512, "reduce-overhead", 30000), run(2048, None, 40000)],
                          ms=(1.0, 5.0))  # and the compiled augmentation was slower
-    assert neither == "--cifar-set epochs=1000 --cifar-set augment=basic"
-    assert suggest([run(512, None, 23000), run(2048, None, 90000)], fell_back=True)[0].endswith("warmup_epochs=20")
+    assert neither == ("--cifar-set epochs=1000 --cifar-set compile_mode=none --cifar-set augment=basic "
+                       "--cifar-set compile_augment=false")
+    assert suggest([run(512, None, 23000), run(2048, None, 90000)], fell_back=True)[0].endswith(
+        "warmup_epochs=20 --cifar-set compile_augment=false")
+    on_cpu, _ = gpu_checks.suggest_cifar_settings([run(512, None, 23000)], {512: 1.0}, {"512": 1.0, "512 compiled":
+                                                                                       5.0}, False,
+                                                  get_recipe("cifar10", "cpu"))
+    assert on_cpu == "--cifar-set epochs=1000 --cifar-set augment=basic"  # the CPU recipe compiles nothing
     failed = {"batch_size": 512, "compile_mode": None, "error": "BackendCompilerFailed: ..."}
     assert suggest([failed, run(2048, None, 90000)]) == ("", "batch 512 in the default mode failed or did not run: "
                                                              "fix that first")
@@ -155,7 +166,8 @@ def test_pace_suggests_the_cifar_settings_by_its_rule(gpu_checks):
 
 def test_the_default_checks_fit_one_device_command_and_all_means_all(gpu_checks):
     assert gpu_checks.parse_args([]).checks == ["matmul", "models", "data"]  # cifar alone takes its 10 minutes
-    assert gpu_checks.parse_args(["--checks", "all"]).checks == ["matmul", "models", "data", "pace", "cifar"]
+    assert gpu_checks.parse_args(["--checks", "all"]).checks == ["matmul", "models", "data", "pace", "cifar",
+                                                                 "sweep"]
 
 
 def test_unknown_check_is_refused(gpu_checks, capsys):
@@ -284,3 +296,70 @@ def test_an_implementation_that_fails_is_noted_and_the_others_are_still_measured
     assert rows["ViT-Ti/16 train timm eager"][4] == "FAIL"
     assert rows["ours / timm, train eager"][2] == "not measured"
     assert len(saves) >= 2 and "models" in saves[0]  # saved within the check, before its end
+
+
+def test_cifar_check_times_its_pace_on_epochs_resumed_after_the_first(gpu_checks, archive, tmp_path, monkeypatch):
+    # On the H200 with CUDA graphs, the first fit's epochs ran at half the pace of every epoch after a resume: the
+    # pace that plans the schedule is timed as the rest of the run trains, after a resume.
+    calls, fit = [], gpu_checks.training.fit
+
+    def recording_fit(*args, **kwargs):
+        calls.append((kwargs.get("resume", False), kwargs.get("stop_after_epoch")))
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_checks.training, "fit", recording_fit)
+    results_path = tmp_path / "results.json"
+    assert gpu_checks.main(["--smoke", "--device", "cpu", "--checks", "cifar", "--cifar-epochs", "5",
+                            "--cifar-set", TINY_CIFAR_MODEL, "--cifar-archive", str(archive),
+                            "--work-dir", str(tmp_path / "work"), "--json", str(results_path)]) == 0
+    assert calls == [(False, 1), (True, 4), (True, None)]  # epoch 1; epochs 2-4, timed; the rest
+    cifar = json.loads(results_path.read_text())["cifar"]
+    assert [r["epoch"] for r in cifar["history"]] == [1, 2, 3, 4, 5]
+    assert cifar["probe_seconds_per_epoch"] == sorted(r["seconds"] for r in cifar["history"][1:4])[1]
+
+
+def test_sweep_trains_every_variant_side_by_side_and_tables_them(gpu_checks, archive, tmp_path):
+    results_path = tmp_path / "out" / "results.json"
+    assert gpu_checks.main(["--smoke", "--device", "cpu", "--checks", "sweep", "--cifar-archive", str(archive),
+                            "--work-dir", str(tmp_path / "work"), "--json", str(results_path),
+                            "--cifar-set", "warmup_epochs=1",
+                            "--sweep", "tiny", TINY_CIFAR_MODEL.replace('"num_heads": 2', '"num_heads": 4'),
+                            "--sweep", "cnn", "reference=resnet18"]) == 0
+    saved = json.loads(results_path.read_text())
+    variants = {variant["name"]: variant for variant in saved["sweep"]["variants"]}
+    assert set(variants) == {"tiny", "cnn"} and saved["sweep"]["cifar_set"] == ["warmup_epochs=1"]
+    # Each process trained what its variant asked for: a 1-layer ViT of width 32 (four heads), and ResNet-18 with
+    # its 32 px stem (3x3, stride 1: 64*3*3*3 weights instead of 64*3*7*7) and a 10-class head.
+    tiny = json.loads((tmp_path / "out" / "sweep_tiny.json").read_text())
+    assert tiny["recipe"]["model_overrides"]["num_heads"] == 4 and tiny["recipe"]["warmup_epochs"] == 1
+    assert variants["tiny"]["parameters"] == sum(p.numel() for p in gpu_checks.ViT(
+        gpu_checks.get_recipe("cifar10").model_config(10).__class__.named(
+            "ViT-S/4", embed_dim=32, num_layers=1, num_heads=4, mlp_dim=64, image_size=32, num_classes=10)
+    ).parameters())
+    assert variants["cnn"]["model"] == "resnet18" and variants["cnn"]["parameters"] == 11_689_512 - 512 * 990 - 990 \
+        - 64 * 3 * 7 * 7 + 64 * 3 * 3 * 3
+    for variant in variants.values():
+        assert variant["epochs_done"] == 2 and [r["epoch"] for r in variant["history"]] == [1, 2]
+        assert 0 <= variant["test_accuracy"] <= 1
+    rows = [row for row in saved["summary"] if row[0] == "sweep"]
+    assert rows[0][1].startswith("tiny (model_overrides=") and rows[1][1] == "cnn (reference=resnet18)"
+    assert all("2/2 epochs" in row[2] for row in rows[:2])
+    assert rows[2][1] == "best test accuracy"
+    assert (tmp_path / "out" / "sweep_cnn.log").read_text().count("epoch 2/2") >= 1
+
+
+def test_sweep_variants_are_checked_when_the_arguments_are_parsed(gpu_checks, capsys):
+    args = gpu_checks.parse_args(["--checks", "sweep"])
+    assert [variant["name"] for variant in args.sweep] == [spec[0] for spec in gpu_checks.DEFAULT_SWEEP]
+    by_name = {variant["name"]: variant for variant in args.sweep}
+    assert by_name["basic-shifted"]["recipe"].crop_padding == 4 and by_name["basic-shifted"]["recipe"].crop_scale \
+        is None  # the shifted crops replace the recipe's resized ones
+    assert by_name["resnet18"]["reference"] == "resnet18" and by_name["recipe"]["changes"] == []
+    assert gpu_checks.parse_args(["--checks", "cifar"]).sweep == []  # not asked for: nothing built
+    for bad, message in ((["--sweep", "a", "lr=0.002", "--sweep", "a", "lr=0.003"], "must differ"),
+                         (["--sweep", "../a"], "must differ"),
+                         (["--sweep", "a", "reference=vgg"], "reference= takes one of resnet18"),
+                         (["--sweep", "a", "speed=2"], "no field 'speed'")):
+        with pytest.raises(SystemExit):
+            gpu_checks.parse_args(["--checks", "sweep", *bad])
+        assert message in capsys.readouterr().err, bad

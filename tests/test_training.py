@@ -479,6 +479,11 @@ def test_a_recipe_builds_the_model_and_training_configs_it_names():
                                        recipe.warmup_epochs, recipe.label_smoothing, recipe.checkpoint_every, 7)
         assert recipe.check() is recipe and recipe.for_device("cuda").check(), name  # nothing a loader refuses
     assert get_recipe("demo", "cuda").model_config(10).embed_dim == 384  # the GPU variant is ViT-S/4
+    # cifar10's measured speed settings apply on a GPU only: on the CPU nothing is compiled by default
+    on_gpu, on_cpu = get_recipe("cifar10", "cuda"), get_recipe("cifar10", "cpu")
+    assert (on_gpu.compile_mode, on_gpu.compile_augment) == ("reduce-overhead", True)
+    assert (on_cpu.compile_mode, on_cpu.compile_augment) == (None, False)
+    assert on_gpu.train_config().compile_mode == "reduce-overhead"
 
 
 def test_a_compiled_model_evaluates_the_last_smaller_batch_with_the_graph_it_has():
