@@ -148,9 +148,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         with_changes(get_recipe("cifar10"), args.cifar_set).check()
     except (ValueError, TypeError) as error:
         parser.error(str(error))
-    try:
-        args.sweep = sweep_variants(args.sweep or DEFAULT_SWEEP, args.cifar_set) if "sweep" in args.checks \
-            or args.sweep_child is not None else []
+    args.sweep = [tuple(spec) for spec in args.sweep or DEFAULT_SWEEP] if "sweep" in args.checks \
+        or args.sweep_child is not None else []
+    try:  # checked here, on the CPU's recipe; built again for the device the sweep runs on
+        sweep_variants(args.sweep, args.cifar_set)
     except (ValueError, TypeError) as error:
         parser.error(str(error))
     if args.smoke:  # tiny everything, so that a CPU gets through it in a minute or two
@@ -737,17 +738,18 @@ DEFAULT_SWEEP = (
 REFERENCE_MODELS = ("resnet18",)
 
 
-def sweep_variants(specs, cifar_set: list[str]) -> list[dict]:
+def sweep_variants(specs, cifar_set: list[str], device_type: str = "cpu") -> list[dict]:
     """[{"name", "changes", "recipe", "reference"}] for each spec (a name, then FIELD=VALUE changes): the cifar10
-    recipe with --cifar-set's changes and then the variant's, checked now; reference=MODEL trains that model
-    instead of the recipe's ViT. Names must differ: they name the logs."""
+    recipe as it runs on `device_type`, with --cifar-set's changes and then the variant's, checked now;
+    reference=MODEL trains that model instead of the recipe's ViT. Names must differ: they name the logs."""
     variants = []
     for name, *changes in specs:
         reference = [change.partition("=")[2] for change in changes if change.startswith("reference=")]
         if any(model not in REFERENCE_MODELS for model in reference):
             raise ValueError(f"--sweep {name}: reference= takes one of {', '.join(REFERENCE_MODELS)}, got "
                              f"{', '.join(reference)}.")
-        recipe = with_changes(get_recipe("cifar10"), cifar_set + [c for c in changes if not c.startswith("reference=")])
+        recipe = with_changes(get_recipe("cifar10", device_type),
+                              cifar_set + [change for change in changes if not change.startswith("reference=")])
         variants.append({"name": name, "changes": list(changes), "recipe": recipe.check(),
                          "reference": reference[-1] if reference else None})
     names = [variant["name"] for variant in variants]
@@ -782,17 +784,18 @@ def check_sweep(args, device, results) -> list[tuple]:
     H200, three at once trained at 20,000-25,000 img/s each, where one alone ran 26,500."""
     started = time.perf_counter()
     deadline = time.time() + args.sweep_minutes * 60
-    recipe, folder = cifar_recipe_and_folder(args, device)
+    variants = sweep_variants(args.sweep, args.cifar_set, device.type)
+    folder = cifar_recipe_and_folder(args, device)[1]
     from vit_helpers.gpu_data import make_cached_loaders
 
-    for size in sorted({variant["recipe"].image_size for variant in args.sweep}):  # decoded once, here, not
+    for size in sorted({variant["recipe"].image_size for variant in variants}):  # decoded once, here, not
         make_cached_loaders(folder, image_size=size, batch_size=1, device="cpu")  # by every process at once
     logs = sweep_log_dir(args)
     logs.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // len(args.sweep))
+    threads = max(1, (os.cpu_count() or 1) // len(variants))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_COMPILE_THREADS": str(threads)}
     children = []
-    for index, variant in enumerate(args.sweep):
+    for index, variant in enumerate(variants):
         (logs / f"sweep_{variant['name']}.json").unlink(missing_ok=True)  # a result left by an earlier sweep
         with open(logs / f"sweep_{variant['name']}.log", "w") as log:
             children.append(subprocess.Popen(
@@ -800,7 +803,7 @@ def check_sweep(args, device, results) -> list[tuple]:
                  "--sweep-deadline", str(deadline)], stdout=log, stderr=subprocess.STDOUT, env=env))
     print(f"sweep: {len(children)} variants side by side, {args.sweep_epochs} epochs each, logs in {logs}",
           flush=True)
-    for variant, child in zip(args.sweep, children):
+    for variant, child in zip(variants, children):
         try:  # the children stop themselves at the deadline; a minute more for the epoch in flight
             child.wait(timeout=max(1.0, deadline - time.time() + 60))
         except subprocess.TimeoutExpired:
@@ -808,7 +811,7 @@ def check_sweep(args, device, results) -> list[tuple]:
             child.wait()
         print(f"sweep: {variant['name']} ended ({child.returncode})", flush=True)
     rows, found = [], []
-    for variant, child in zip(args.sweep, children):
+    for variant, child in zip(variants, children):
         label = f"{variant['name']} ({' '.join(variant['changes']) or 'the recipe as it is'})"
         path = logs / f"sweep_{variant['name']}.json"
         if not path.is_file():
@@ -836,7 +839,7 @@ def check_sweep(args, device, results) -> list[tuple]:
 
 def run_sweep_child(args, device) -> int:
     """One variant of the sweep (`--sweep-child INDEX`): trained and saved as sweep_NAME.json beside its log."""
-    variant = args.sweep[args.sweep_child]
+    variant = sweep_variants(args.sweep, args.cifar_set, device.type)[args.sweep_child]
     recipe = variant["recipe"]
     folder = cifar_recipe_and_folder(args, device)[1]  # unpacked by the parent already
     batch_size = min(recipe.batch_size, 16) if args.smoke else recipe.batch_size

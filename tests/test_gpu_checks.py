@@ -349,12 +349,20 @@ def test_sweep_trains_every_variant_side_by_side_and_tables_them(gpu_checks, arc
 
 
 def test_sweep_variants_are_checked_when_the_arguments_are_parsed(gpu_checks, capsys):
-    args = gpu_checks.parse_args(["--checks", "sweep"])
-    assert [variant["name"] for variant in args.sweep] == [spec[0] for spec in gpu_checks.DEFAULT_SWEEP]
-    by_name = {variant["name"]: variant for variant in args.sweep}
+    args = gpu_checks.parse_args(["--checks", "sweep", "--cifar-set", "compile_mode=none"])
+    assert args.sweep == list(gpu_checks.DEFAULT_SWEEP)
+    # Built for the device the sweep runs on: on a GPU the recipe's compiled augmentation, and the compile mode
+    # --cifar-set gives all, unless a variant sets its own
+    by_name = {variant["name"]: variant for variant in gpu_checks.sweep_variants(args.sweep, args.cifar_set, "cuda")}
     assert by_name["basic-shifted"]["recipe"].crop_padding == 4 and by_name["basic-shifted"]["recipe"].crop_scale \
         is None  # the shifted crops replace the recipe's resized ones
     assert by_name["resnet18"]["reference"] == "resnet18" and by_name["recipe"]["changes"] == []
+    assert all(variant["recipe"].compile_augment for variant in by_name.values())
+    modes = {name: variant["recipe"].compile_mode for name, variant in by_name.items()}
+    assert {name: mode for name, mode in modes.items() if mode} == {"batch-128": "reduce-overhead"}
+    on_cpu = gpu_checks.sweep_variants(args.sweep, [], "cpu")
+    assert not any(variant["recipe"].compile_augment or variant["recipe"].compile_mode for variant in on_cpu
+                   if variant["name"] != "batch-128")
     assert gpu_checks.parse_args(["--checks", "cifar"]).sweep == []  # not asked for: nothing built
     for bad, message in ((["--sweep", "a", "lr=0.002", "--sweep", "a", "lr=0.003"], "must differ"),
                          (["--sweep", "../a"], "must differ"),
