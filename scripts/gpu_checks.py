@@ -717,7 +717,6 @@ def check_cifar(args, device, results) -> list[tuple]:
             ("cifar", "seconds per epoch (median after the first)", f"{seconds_per_epoch:.1f} s", "", "")]
 
 
-
 #: The sweep's variants where --sweep names none: each a name and its changes to the cifar10 recipe. Chosen after
 #: the H200 runs of 2026-11-27 (BENCHMARKS.md): the recipe ended at 0.74 after 160 epochs and after 263, its
 #: training accuracy on augmented images at 0.88, so more epochs alone do not reach 90%. Each variant asks one
@@ -780,8 +779,9 @@ def sweep_log_dir(args) -> Path:
 def check_sweep(args, device, results) -> list[tuple]:
     """Every variant of --sweep trained side by side on one device, each in a process of its own, for
     --sweep-epochs epochs of the recipe's schedule: the final test accuracies, to choose what the long cifar run
-    tries. A small model's step is bound by launching kernels, so processes that share a GPU lose little: on the
-    H200, three at once trained at 20,000-25,000 img/s each, where one alone ran 26,500."""
+    tries. A small model's step is bound by launching kernels, so processes that share a GPU get more done: on the
+    H200, three at once trained at 14,200-19,800 img/s each (medians), about 49,000 together, where one alone
+    ran 26,500 (the default compile mode)."""
     started = time.perf_counter()
     deadline = time.time() + args.sweep_minutes * 60
     variants = sweep_variants(args.sweep, args.cifar_set, device.type)
@@ -861,6 +861,7 @@ def run_sweep_child(args, device) -> int:
                                "parameters": sum(parameter.numel() for parameter in model.parameters()),
                                "history": history}, indent=1).encode())
     return 0
+
 
 # --------------------------------------------------------------------------------------------------------------
 
