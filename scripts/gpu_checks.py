@@ -438,12 +438,20 @@ def recipe_loaders(recipe, folder: Path, batch_size: int, device, compile_augmen
                                crop_padding=recipe.crop_padding, compile_augment=compile_augment)
 
 
+def recipe_train_config(recipe, args, device, **changes):
+    """The recipe's TrainConfig as the checks train it: on `device`, compiled unless --no-compiled, in --compile-mode
+    or else the recipe's mode, and no checkpoint except where a check stops a fit; `changes` set the rest."""
+    return recipe.train_config(**{"device": str(device), "compile": False if args.no_compiled else None,
+                                  "compile_mode": args.compile_mode or recipe.compile_mode,
+                                  "checkpoint_every": 10 ** 6, **changes})
+
+
 def check_pace(args, device, results) -> list[tuple]:
     """Three epochs of the cifar10 recipe for each (batch size, compile mode) of --pace-runs; see the module's doc."""
     recipe, folder = cifar_recipe_and_folder(args, device)
     rows, runs, loader_ms, agreements, reference_weights = [], [], {}, {}, {}
     augment_fell_back = False
-    compile_augment = recipe.compile_augment  # --cifar-set compile_augment=true
+    compile_augment = recipe.compile_augment  # the recipe's on a GPU, or --cifar-set compile_augment=...
     # Filled in as the runs go, and saved after each: a command cut short keeps the runs it finished.
     results["pace"] = {"recipe": asdict(recipe), "loader_ms_per_batch": loader_ms,
                        "augmentation_agreement": agreements, "runs": runs}
@@ -483,9 +491,8 @@ def check_pace(args, device, results) -> list[tuple]:
         # mode that breaks on resuming (CUDA graphs) fails here, not after the cifar check's probe; epoch 3 is
         # timed, clear of whatever the resume costs once.
         pace_epochs = 2 if args.smoke else 3
-        config = recipe.train_config(epochs=max(pace_epochs, args.cifar_epochs or recipe.epochs), batch_size=batch,
-                                     device=str(device), compile_mode=mode,
-                                     compile=False if args.no_compiled else None, checkpoint_every=10 ** 6)
+        config = recipe_train_config(recipe, args, device, epochs=max(pace_epochs, args.cifar_epochs or recipe.epochs),
+                                     batch_size=batch, compile_mode=mode)
         compiling = config.compile is not False and device.type == "cuda"  # as fit decides
         name = f"batch {batch}, {mode or 'default'} mode" if compiling \
             else f"batch {batch}, eager" + (f" (not {mode}: a CUDA mode)" if mode else "")
@@ -528,7 +535,7 @@ def check_pace(args, device, results) -> list[tuple]:
               f"{last['seconds']:.2f} s/epoch with the evaluation, first epoch {history[0]['seconds']:.1f} s, "
               f"after {len(history)}: train loss {last['train_loss']:.4f}, test accuracy "
               f"{last['test_accuracy']:.4f}", flush=True)
-        graphs_skipped = run["cudagraph_skips"] and mode in ("reduce-overhead", "max-autotune")
+        graphs_skipped = run["cudagraph_skips"] and mode in training.CUDA_GRAPH_MODES
         rows.append(("pace", name, f"{step_ms:.1f} ms/step, {last['images_per_second']:,.0f} img/s, "
                                    f"{last['seconds']:.2f} s/epoch"
                      + (f"; CUDA graphs skipped for {run['cudagraph_skips']} graphs (the log says why)"
@@ -640,17 +647,14 @@ def same_run_in_every_mode(runs: list[dict]) -> list[tuple]:
 def check_cifar(args, device, results) -> list[tuple]:
     recipe, folder = cifar_recipe_and_folder(args, device)
     batch_size = 16 if args.smoke else recipe.batch_size
-    compile_augment = recipe.compile_augment  # --cifar-set compile_augment=true
+    compile_augment = recipe.compile_augment  # the recipe's on a GPU, or --cifar-set compile_augment=...
     epochs = args.cifar_epochs or recipe.epochs
     started = time.perf_counter()
     train_loader, test_loader, classes = recipe_loaders(recipe, folder, batch_size, device, compile_augment)
     torch.manual_seed(0)
     model = ViT(recipe.model_config(num_classes=len(classes)))
     # One checkpoint, after the probe below: this measures the recipe, not the disk.
-    config = recipe.train_config(epochs=epochs, batch_size=batch_size, device=str(device),
-                                 compile=False if args.no_compiled else None,
-                                 compile_mode=args.compile_mode or recipe.compile_mode,
-                                 checkpoint_every=10 ** 6)
+    config = recipe_train_config(recipe, args, device, epochs=epochs, batch_size=batch_size)
     budget = args.cifar_minutes * 60
     checkpoint = args.work_dir / "cifar_check_checkpoint.pt"
     # A probe first: epoch 1 includes compilation, the next ones show the pace. If the whole schedule cannot fit in
@@ -662,7 +666,7 @@ def check_cifar(args, device, results) -> list[tuple]:
     # the default mode's to the last digit), every epoch after the resume at the graphs' (0.9 s), so a pace timed
     # in the first fit planned 263 epochs where about 500 fitted.
     probe = min(max(2, min(4, int(recipe.warmup_epochs))), epochs)
-    if config.compile_mode in ("reduce-overhead", "max-autotune"):
+    if config.compile_mode in training.CUDA_GRAPH_MODES:
         torch._logging.set_logs(perf_hints=True)  # the log says why, wherever CUDA graphs are skipped
     history = training.fit(model, train_loader, test_loader, config=config, progress=not args.smoke,
                            checkpoint_path=checkpoint, stop_after_epoch=1)
@@ -847,9 +851,7 @@ def run_sweep_child(args, device) -> int:
     torch.manual_seed(0)
     model = (reference_model(variant["reference"], len(classes)) if variant["reference"]
              else ViT(recipe.model_config(num_classes=len(classes))))
-    config = recipe.train_config(epochs=args.sweep_epochs, batch_size=batch_size, device=str(device),
-                                 compile=False if args.no_compiled else None,
-                                 compile_mode=args.compile_mode or recipe.compile_mode, checkpoint_every=10 ** 6)
+    config = recipe_train_config(recipe, args, device, epochs=args.sweep_epochs, batch_size=batch_size)
     print(f"sweep variant {variant['name']}: {' '.join(variant['changes']) or 'the recipe as it is'}; "
           f"{asdict(recipe)}", flush=True)
     history = training.fit(model, train_loader, test_loader, config=config, progress=True,

@@ -411,8 +411,12 @@ def _train_step(model, images, targets, optimizer, scheduler, loss_fn, device, c
     return loss.detach(), logits.detach(), gradient_norm
 
 
+#: torch.compile's modes that replay CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def mark_new_iteration(model: nn.Module) -> None:
-    """Before each call of a compiled model: with CUDA graphs (compile modes "reduce-overhead", "max-autotune") a
+    """Before each call of a compiled model: with CUDA graphs (compile modes CUDA_GRAPH_MODES) a
     call's outputs live in memory the next replay writes over, and this tells PyTorch that the last step's outputs
     are done with, so it can replay its graphs instead of falling back to slower paths. Harmless without them."""
     if hasattr(model, "_orig_mod"):  # torch.compile's wrapper
@@ -744,7 +748,7 @@ def _wrap_for_training(model, device, config, world_size):
     compile_model = config.compile if config.compile is not None else device.type == "cuda"
     if not compile_model:
         return train_model, model
-    if world_size > 1 and config.compile_mode in ("reduce-overhead", "max-autotune"):
+    if world_size > 1 and config.compile_mode in CUDA_GRAPH_MODES:
         warnings.warn(f"compile_mode={config.compile_mode!r} replays CUDA graphs, which this project has not tested "
                       "under DistributedDataParallel; if training fails or diverges, use the default mode.",
                       stacklevel=3)
