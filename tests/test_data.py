@@ -543,9 +543,28 @@ def test_cached_split_of_a_single_tree_matches_the_plain_split(tmp_path):
     train, test, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu", test_fraction=0.3)
     plain_train, plain_test, _ = make_dataloaders(root, image_size=8, batch_size=4, test_fraction=0.3,
                                                   num_workers=0)
-    assert (root / ".cache" / "vit_cache_all_8.pt").is_file()
+    assert (tmp_path / ".cache" / "tree" / "vit_cache_all_8.pt").is_file()  # beside the tree, not inside it
     assert test.dataset.targets == plain_test.dataset.targets
     assert torch.allclose(torch.cat([x for x, _ in test]), batches(plain_test)[0], atol=1e-6)
+
+
+def test_nothing_is_written_inside_a_folder_of_class_folders_so_torchvision_reads_it_as_before(tmp_path):
+    # torchvision's ImageFolder takes every subfolder for a class, hidden ones too: a .cache folder of ours inside
+    # would be a class without images, and it would refuse the whole folder.
+    from torchvision.datasets import ImageFolder
+
+    tree, split = make_tree(tmp_path / "tree"), make_split_tree(tmp_path / "split")
+    folders = [tree, split / "train", split / "test"]
+    before = {folder: sorted(folder.rglob("*")) for folder in folders}
+    for root in (tree, split):
+        make_dataloaders(root, image_size=8, batch_size=4, num_workers=0)
+        make_cached_loaders(root, image_size=8, batch_size=4, device="cpu")
+    for folder in folders:
+        assert sorted(folder.rglob("*")) == before[folder]
+        assert ImageFolder(folder).samples == data.VerifiedImageFolder(folder).samples
+    assert (tmp_path / ".cache" / "tree" / "image_check.json").is_file()
+    assert (split / ".cache" / "train" / "image_check.json").is_file()
+    assert (split / ".cache" / "vit_cache_train_8.pt").is_file()
 
 
 def test_rank_sharding_covers_the_test_set_exactly_once(tmp_path):

@@ -138,6 +138,14 @@ def _write_json_quietly(path: Path, data: dict) -> None:
         json.dump(data, file)
 
 
+def cache_folder(image_folder: str | Path) -> Path:
+    """Where what is worked out from a folder of images (`<folder>/<class>/<image>`) is kept: `.cache/<name>/` beside
+    it, never inside it. The folder then stays what torchvision's ImageFolder reads: it would take a `.cache` folder
+    inside for a class, find no images in it and fail."""
+    image_folder = Path(os.path.abspath(image_folder))  # "." and ".." have no name of their own
+    return image_folder.parent / ".cache" / image_folder.name
+
+
 def _has_subfolders(folder: Path) -> bool:
     with os.scandir(folder) as entries:
         return any(entry.is_dir() and not entry.name.startswith(".") for entry in entries)
@@ -147,14 +155,15 @@ class VerifiedImageFolder(ImageFolder):
     """torchvision's ImageFolder that opens every file once when built and leaves out the unreadable ones.
 
     Also: hidden folders and files (`.cache`, `.ipynb_checkpoints`, macOS `._x.jpg`) are ignored, every image
-    loads as RGB (`load_rgb`), and an empty folder or an empty class is a clear error.
+    loads as RGB (`load_rgb`), and an empty folder or an empty class is a clear error. The verdicts are kept in
+    `cache_folder(root)`, outside the folder, so torchvision's own ImageFolder reads it the same afterwards.
     """
 
     def __init__(self, root: str | Path, transform=None):
         root = Path(root)
         if not root.is_dir():
             raise DatasetError(f"{root} is not a folder: expected a folder of images as <folder>/<class>/<image>.")
-        self.check_cache_file = root / ".cache" / "image_check.json"
+        self.check_cache_file = cache_folder(root) / "image_check.json"
         super().__init__(str(root), transform=transform, loader=load_rgb, allow_empty=True)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:

@@ -52,6 +52,7 @@ from vit_helpers.data import (
     RANDOM_CROP_SCALE,
     VerifiedImageFolder,
     _augment_policy,
+    cache_folder,
     _cpu_count,
     checked_crop,
     load_rgb,
@@ -117,12 +118,23 @@ def load_or_build_cache(folder: VerifiedImageFolder, image_size: int, cache_file
     return cached
 
 
+def _splits(root: Path) -> dict[str, Path]:
+    """split name -> folder of images: "train" and "test" for a folder with train/ and test/, else "all"."""
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return {"train": root / "train", "test": root / "test"}
+    return {"all": root}
+
+
+def default_cache_dir(root: Path) -> Path:
+    """Where the decoded images of the data set in `root` are saved: `root/.cache` beside its train/ and test/, or,
+    where `root` holds the class folders itself, `data.cache_folder(root)` beside it. Never inside a folder of class
+    folders, which torchvision's ImageFolder would then fail to read."""
+    return root / ".cache" if "all" not in _splits(root) else cache_folder(root)
+
+
 def _build_caches(root: Path, image_size: int, cache_dir: Path) -> dict[str, dict]:
     """split name -> cache: "train" and "test" for a folder with train/ and test/, else "all"."""
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        splits = {"train": root / "train", "test": root / "test"}
-    else:
-        splits = {"all": root}
+    splits = _splits(root)
     caches = {name: load_or_build_cache(VerifiedImageFolder(path), image_size,
                                         cache_dir / f"vit_cache_{name}_{image_size}.pt")
               for name, path in splits.items()}
@@ -529,7 +541,8 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     """(train loader, test loader, class names) that decode every image once and augment on `device`.
 
     `data_dir`: a folder or a name understood by `resolve_dataset`. The decoded images are saved in
-    `cache_dir` (default <data>/.cache) as vit_cache_<split>_<size>.pt and reused while the files are unchanged.
+    `cache_dir` (default `default_cache_dir`: <data>/.cache, outside the folders of class folders) as
+    vit_cache_<split>_<size>.pt and reused while the files are unchanged.
     The split of a folder without train/ and test/ is `stratified_split`'s, as in `make_dataloaders`.
     `crop_scale`: the training crops' share of the area (default RANDOM_CROP_SCALE), or `crop_padding`: shifted
     crops instead, as in `make_dataloaders`.
@@ -544,7 +557,7 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     num_replicas = world_size if num_replicas is None else num_replicas
     rank = world_rank if rank is None else rank
     root = resolve_dataset(data_dir)
-    cache_dir = Path(cache_dir) if cache_dir is not None else root / ".cache"
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
     # Rank 0 decodes and saves while the others wait, then they load its cache; if it fails, every rank raises.
     caches = rank_zero_first(lambda: _build_caches(root, image_size, cache_dir))
     if "all" in caches:
