@@ -1,5 +1,6 @@
 """The model is the paper's ViT: exact sizes, exact compute, and equal to PyTorch's own building blocks."""
 
+import dataclasses
 import math
 
 import pytest
@@ -346,6 +347,36 @@ def test_initialisation_follows_the_official_code():
     # A zero head makes every first prediction uniform: the loss starts at exactly log(num_classes).
     loss = F.cross_entropy(model(torch.randn(2, 3, 224, 224)), torch.tensor([1, 2]))
     assert abs(loss.item() - math.log(10)) < 1e-6
+
+
+def test_timm_initialisation_draws_every_tensor_as_timms_own_model_does():
+    """init="timm": parameter by parameter (the names are timm's), the same distribution as a freshly built timm
+    VisionTransformer's: the same zeros and ones, the same mean and spread, within sampling error. The official start differs from it in most tensors (Xavier's spread, a zero head)."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    torch.manual_seed(0)
+    theirs = dict(timm_vit.VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=2, num_heads=3,
+                                             mlp_ratio=2.0, num_classes=10).named_parameters())
+    config = ViTConfig.named("ViT-Ti/4", image_size=32, num_classes=10, num_layers=2, mlp_dim=384)
+
+    def differences(model: ViT) -> list[str]:
+        """The parameters whose mean or spread differ from timm's by more than sampling error (4 standard errors
+        for the mean, 15% for the spread)."""
+        found = []
+        for name, mine in model.named_parameters():
+            mine, other = mine.detach(), theirs[name].detach()
+            spread = max(mine.std().item(), other.std().item())
+            if (abs(mine.mean() - other.mean()) > 4 * spread * (2 / mine.numel()) ** 0.5 + 1e-9
+                    or abs(mine.std() - other.std()) > 0.15 * spread + 1e-9):
+                found.append(name)
+        return found
+
+    torch.manual_seed(1)
+    assert differences(ViT(dataclasses.replace(config, init="timm"))) == []
+    official = differences(ViT(config))
+    assert {"head.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc1.weight", "patch_embed.proj.weight",
+            "cls_token"} <= set(official)
+    with pytest.raises(ValueError, match="init must be one of 'official', 'timm'"):
+        ViTConfig(init="xavier")
 
 
 def test_dropout_only_in_training():

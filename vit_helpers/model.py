@@ -45,6 +45,10 @@ DEFAULT_PATCH_SIZE = {"Ti": 16, "S": 16, "B": 16, "L": 16, "H": 14}
 #: The presets the paper and its follow-ups train; any "ViT-<size>/<patch>" with a known size is accepted.
 NAMED_MODELS = ("ViT-Ti/16", "ViT-S/16", "ViT-B/16", "ViT-B/32", "ViT-L/16", "ViT-L/32", "ViT-H/14")
 
+#: The ways `ViT.reset_parameters` can start the weights: "official", as the paper's JAX code; "timm", a normal
+#: distribution of std 0.02 for every linear layer, as timm and DeiT (which trains ViTs without extra data).
+INITS = ("official", "timm")
+
 _NAME_PATTERN = re.compile(r"^vit-(ti|s|b|l|h)(?:/(\d+))?$", re.IGNORECASE)
 
 
@@ -69,6 +73,7 @@ class ViTConfig:
     mlp_dim: int = 3072  # width of the MLP's hidden layer
     dropout: float = 0.0  # Appendix B.1, Table 3: 0.1 for ImageNet and ImageNet-21k, 0.0 for JFT-300M
     attention_dropout: float = 0.0
+    init: str = "official"  # how ViT.reset_parameters starts the weights: one of INITS
 
     def __post_init__(self) -> None:
         # Positive sizes first: a zero patch_size or num_heads would otherwise fail below as a ZeroDivisionError.
@@ -84,6 +89,9 @@ class ViTConfig:
             )
         if self.embed_dim % self.num_heads != 0:
             raise ValueError(_heads_message(self.embed_dim, self.num_heads))
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(map(repr, INITS))} (see ViT.reset_parameters), got "
+                             f"{self.init!r}.")
 
     @classmethod
     def named(cls, name: str, **overrides) -> "ViTConfig":
@@ -372,7 +380,9 @@ class ViT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialise as the official JAX code does (google-research/vision_transformer):
+        """Initialise the weights as `config.init` says.
+
+        "official" (the default), as the official JAX code does (google-research/vision_transformer):
 
         - patch embedding: LeCun normal (Flax's default for Conv), bias zero;
         - position embeddings: normal with std 0.02; class token: zeros;
@@ -383,7 +393,16 @@ class ViT(nn.Module):
         - head: zeros, as the official code (and section 3.2's "zero-initialized D x K feedforward layer" when
           fine-tuning), so the first logits are all equal and the loss starts exactly at log(num_classes);
         - LayerNorm: weight one, bias zero (PyTorch's default).
+
+        "timm", as timm's VisionTransformer (and DeiT): every linear layer, the head included, truncated normal with
+        std 0.02 and bias zero; position embeddings the same; class token normal with std 1e-6; patch embedding
+        and LayerNorm PyTorch's defaults. At ViT-Ti and ViT-S widths these weights are 2-4 times smaller than
+        Xavier's, so each block starts closer to passing its input through; trained from scratch on a small data set
+        the model learns faster from them (BENCHMARKS.md, "Which initialisation").
         """
+        if self.config.init == "timm":
+            self._reset_parameters_as_timm()
+            return
         lecun_normal_(self.patch_embed.proj.weight)
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.pos_embed, std=0.02)
@@ -402,6 +421,16 @@ class ViT(nn.Module):
         self.norm.reset_parameters()
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    def _reset_parameters_as_timm(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.Conv2d, nn.LayerNorm)):
+                module.reset_parameters()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Eq. 1: z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos, shape (batch, num_patches + 1, embed_dim)."""
