@@ -1,6 +1,7 @@
 """scripts/gpu_checks.py, the one script every GPU session runs: it must work the first time on the device, so
 its `--smoke` mode runs every check here on the CPU, on a small archive laid out like the CIFAR-10 JPEG one."""
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -357,6 +358,9 @@ def test_sweep_variants_are_checked_when_the_arguments_are_parsed(gpu_checks, ca
     assert by_name["basic-shifted"]["recipe"].crop_padding == 4 and by_name["basic-shifted"]["recipe"].crop_scale \
         is None  # the shifted crops replace the recipe's resized ones
     assert by_name["resnet18"]["reference"] == "resnet18" and by_name["recipe"]["changes"] == []
+    # init-timm changes the start and nothing else about the model
+    recipe_model, timm_start = (by_name[name]["recipe"].model_config(10) for name in ("recipe", "init-timm"))
+    assert timm_start.init == "timm" and dataclasses.replace(timm_start, init="official") == recipe_model
     assert all(variant["recipe"].compile_augment for variant in by_name.values())
     modes = {name: variant["recipe"].compile_mode for name, variant in by_name.items()}
     assert {name: mode for name, mode in modes.items() if mode} == {"batch-128": "reduce-overhead"}
