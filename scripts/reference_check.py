@@ -1,12 +1,13 @@
 """Does our engine train a ViT as well as the plain way? The same small ViT, data and schedule, three ways:
 
-    ours            our ViT (the official initialisation), `make_cached_loaders` (decoded once, augmented as
-                    tensors) and `training.fit`
-    ours-timm-init  the same, started from the reference's very first weights (timm's, converted): only the
-                    engine differs from the reference
-    reference       timm's VisionTransformer, torchvision's transforms on the image files through a DataLoader,
-                    and a plain AdamW loop written here (the same parameter groups, warm-up and cosine, label
-                    smoothing, gradient clipping)
+    ours                 our ViT (the official initialisation), `make_cached_loaders` (decoded once, augmented
+                         as tensors) and `training.fit`
+    ours-timm-init       the same with ViTConfig(init="timm"): our ViT started as timm starts its own
+    ours-from-reference  the same, started from the reference's very first weights (converted): only the engine
+                         differs from the reference
+    reference            timm's VisionTransformer, torchvision's transforms on the image files through a
+                         DataLoader, and a plain AdamW loop written here (the same parameter groups, warm-up and
+                         cosine, label smoothing, gradient clipping)
 
     python scripts/reference_check.py --cifar-archive ../shared/data/cifar10-jpeg.tar.gz   # 1,000 + 500 per class
     python scripts/reference_check.py --data FOLDER --runs ours,reference --epochs 12 --seed 1
@@ -41,7 +42,7 @@ from vit_helpers.model import ViT, ViTConfig  # noqa: E402
 from vit_helpers.training import TrainConfig, fit  # noqa: E402
 from vit_helpers.weights import vit_from_timm  # noqa: E402
 
-RUNS = ("ours", "ours-timm-init", "reference")
+RUNS = ("ours", "ours-timm-init", "ours-from-reference", "reference")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,15 +102,15 @@ def timm_vit(args) -> nn.Module:
                              num_heads=heads, mlp_ratio=mlp_dim / dim, class_token=True, global_pool="token")
 
 
-def train_ours(args, folder: Path, start_from_timm: bool) -> list[dict]:
+def train_ours(args, folder: Path, run: str) -> list[dict]:
     train_loader, test_loader, classes = make_cached_loaders(
         folder, image_size=32, batch_size=args.batch_size, device="cpu", augment="basic", crop_padding=4,
         seed=42 + args.seed, cache_dir=args.work_dir / "reference_check_cache")
     dim, layers, heads, mlp_dim = args.model
     torch.manual_seed(args.seed)
-    model = vit_from_timm(timm_vit(args)) if start_from_timm else ViT(ViTConfig.named(
+    model = vit_from_timm(timm_vit(args)) if run == "ours-from-reference" else ViT(ViTConfig.named(
         "ViT-Ti/4", embed_dim=dim, num_layers=layers, num_heads=heads, mlp_dim=mlp_dim, image_size=32,
-        num_classes=len(classes)))
+        num_classes=len(classes), init="timm" if run == "ours-timm-init" else "official"))
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          warmup_epochs=1, label_smoothing=0.1, clip_norm=1.0, device="cpu", compile=False,
                          seed=42 + args.seed)
@@ -184,16 +185,15 @@ def main(argv=None) -> dict:
     for run in args.runs:
         print(f"{run}:", flush=True)
         started = time.perf_counter()
-        history = train_reference(args, folder) if run == "reference" else \
-            train_ours(args, folder, start_from_timm=run == "ours-timm-init")
+        history = train_reference(args, folder) if run == "reference" else train_ours(args, folder, run)
         results["runs"][run] = {"history": history, "minutes": (time.perf_counter() - started) / 60}
         if args.json:
             with atomic_write(args.json, "w") as file:
                 json.dump(results, file, indent=1)
-    print(f"\n{'run':<16}{'final test accuracy':>20}{'best':>8}{'minutes':>9}")
+    print(f"\n{'run':<21}{'final test accuracy':>20}{'best':>8}{'minutes':>9}")
     for run, result in results["runs"].items():
         accuracies = [record["test_accuracy"] for record in result["history"]]
-        print(f"{run:<16}{accuracies[-1]:>20.4f}{max(accuracies):>8.4f}{result['minutes']:>9.1f}")
+        print(f"{run:<21}{accuracies[-1]:>20.4f}{max(accuracies):>8.4f}{result['minutes']:>9.1f}")
     return results
 
 

@@ -30,7 +30,7 @@ def test_every_run_trains_on_the_same_images_and_the_histories_are_saved(referen
         history = results["runs"][run]["history"]
         assert [record["epoch"] for record in history] == [1, 2]
         assert all(0 <= record["test_accuracy"] <= 1 for record in history)
-    table = capsys.readouterr().out.splitlines()[-4:]
+    table = capsys.readouterr().out.splitlines()[-5:]
     assert table[0].split()[:2] == ["run", "final"] and [line.split()[0] for line in table[1:]] == \
         list(reference_check.RUNS)
     # What the plain ImageFolder reads is what the cached loaders read (nothing of ours is left inside the tree)
@@ -43,7 +43,7 @@ def test_every_run_trains_on_the_same_images_and_the_histories_are_saved(referen
     assert ImageFolder(folder / "test").targets == test.dataset.targets and len(classes) == 10
 
 
-def test_ours_timm_init_starts_from_the_references_very_weights(reference_check):
+def test_ours_from_reference_starts_from_the_references_very_weights(reference_check):
     """So that, between those two runs, only the engine differs."""
     from vit_helpers.weights import vit_from_timm
 
