@@ -93,6 +93,18 @@ def test_resume_continues_the_run(tiny_folder, tmp_path):
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
 
 
+def test_init_flag_starts_the_model_as_timm_does_and_cannot_change_on_resume(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--init", "timm", "--epochs", "1")) == 0
+    assert json.loads((out / "metrics.json").read_text())["model_config"]["init"] == "timm"
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["init"] == "timm"
+    capsys.readouterr()  # the run's own output
+    assert main(train_args(tiny_folder, out, "--init", "official", "--resume")) == 2
+    assert "--init cannot change" in one_error_line(capsys)
+    assert main(train_args(tiny_folder, out, "--init", "xavier")) == 2
+    assert "argument --init: invalid choice: 'xavier'" in one_error_line(capsys)
+
+
 def one_error_line(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines

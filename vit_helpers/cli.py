@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from vit_helpers import plots, training  # noqa: E402
 from vit_helpers.files import atomic_write  # noqa: E402
-from vit_helpers.model import ViT, ViTConfig  # noqa: E402
+from vit_helpers.model import INITS, ViT, ViTConfig  # noqa: E402
 from vit_helpers.recipes import RECIPES, Recipe, get_recipe, one_kind_of_crop  # noqa: E402
 
 #: What `--resume` may change; everything else comes from the checkpoint, so the run continues as it began.
@@ -106,6 +106,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                         "with --recipe, that model as named, without the recipe's changes to it")
     parser.add_argument("--image-size", type=positive_int)
     parser.add_argument("--patch-size", type=positive_int, help="overrides the patch size of --model")
+    parser.add_argument("--init", choices=INITS, help="how the weights start: official (the paper's JAX code, the "
+                                                      "default) or timm (std 0.02, as timm and DeiT)")
     parser.add_argument("--epochs", type=positive_int, help="the length of the schedule; with --resume, "
                                                             "a longer one continues a finished run")
     parser.add_argument("--batch-size", type=positive_int, help="per process")
@@ -174,7 +176,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 #: The settings only the command line sets (a recipe has no say in them), with their defaults.
-COMMAND_LINE_DEFAULTS = {"patch_size": None, "num_workers": None, "device": "auto", "seed": 42, "compile": None}
+COMMAND_LINE_DEFAULTS = {"patch_size": None, "init": None, "num_workers": None, "device": "auto", "seed": 42,
+                         "compile": None}
 #: Recipe fields that describe the recipe itself, not the run.
 RECIPE_ONLY_FIELDS = ("name", "description", "on_gpu")
 
@@ -217,8 +220,9 @@ def given_flags(args) -> dict:
 
 def model_config(settings: dict, num_classes: int) -> ViTConfig:
     overrides = dict(settings["model_overrides"], image_size=settings["image_size"], num_classes=num_classes)
-    if settings["patch_size"]:
-        overrides["patch_size"] = settings["patch_size"]
+    for name in ("patch_size", "init"):  # flags that change the model the recipe or --model gives
+        if settings[name]:
+            overrides[name] = settings[name]
     return ViTConfig.named(settings["model"], **overrides)
 
 
