@@ -567,6 +567,22 @@ def test_nothing_is_written_inside_a_folder_of_class_folders_so_torchvision_read
     assert (split / ".cache" / "vit_cache_train_8.pt").is_file()
 
 
+def test_caches_kept_inside_the_folder_by_earlier_versions_move_out_and_are_reused(tmp_path, monkeypatch):
+    from torchvision.datasets import ImageFolder
+
+    tree = make_tree(tmp_path / "tree")
+    make_cached_loaders(tree, image_size=8, batch_size=4, device="cpu", cache_dir=tree / ".cache")  # as before
+    (tmp_path / ".cache" / "tree" / "image_check.json").rename(tree / ".cache" / "image_check.json")
+    with pytest.raises(FileNotFoundError):  # what the old layout did to torchvision
+        ImageFolder(tree)
+    monkeypatch.setattr(gpu_data, "decode_images", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr(data, "check_image", lambda *a, **k: pytest.fail("checked again"))
+    make_cached_loaders(tree, image_size=8, batch_size=4, device="cpu")
+    assert not (tree / ".cache").exists() and len(ImageFolder(tree)) == 30
+    assert sorted(path.name for path in (tmp_path / ".cache" / "tree").iterdir()) == ["image_check.json",
+                                                                                      "vit_cache_all_8.pt"]
+
+
 def test_rank_sharding_covers_the_test_set_exactly_once(tmp_path):
     root = make_split_tree(tmp_path / "data")
     world = 2

@@ -146,6 +146,21 @@ def cache_folder(image_folder: str | Path) -> Path:
     return image_folder.parent / ".cache" / image_folder.name
 
 
+def adopt_old_cache(old: Path, new: Path) -> None:
+    """Move a cache file from where earlier versions kept it, `.cache/` inside the folder of images, to `new`, where
+    it is kept now (dropped if a newer one is there already), and remove that `.cache/` once it is empty: torchvision's
+    ImageFolder then reads the folder again, and nothing is decoded twice or left behind. A file that cannot move
+    (another disk, a read-only folder) stays where it is."""
+    with contextlib.suppress(OSError):
+        if old.is_file():
+            if new.exists():
+                old.unlink()
+            else:
+                new.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(old, new)
+        old.parent.rmdir()  # only if empty
+
+
 def _has_subfolders(folder: Path) -> bool:
     with os.scandir(folder) as entries:
         return any(entry.is_dir() and not entry.name.startswith(".") for entry in entries)
@@ -164,6 +179,7 @@ class VerifiedImageFolder(ImageFolder):
         if not root.is_dir():
             raise DatasetError(f"{root} is not a folder: expected a folder of images as <folder>/<class>/<image>.")
         self.check_cache_file = cache_folder(root) / "image_check.json"
+        adopt_old_cache(root / ".cache" / "image_check.json", self.check_cache_file)
         super().__init__(str(root), transform=transform, loader=load_rgb, allow_empty=True)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:

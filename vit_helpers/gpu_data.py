@@ -53,6 +53,7 @@ from vit_helpers.data import (
     VerifiedImageFolder,
     _augment_policy,
     _cpu_count,
+    adopt_old_cache,
     cache_folder,
     checked_crop,
     load_rgb,
@@ -557,6 +558,9 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     num_replicas = world_size if num_replicas is None else num_replicas
     rank = world_rank if rank is None else rank
     root = resolve_dataset(data_dir)
+    if cache_dir is None and "all" in _splits(root):  # caches that earlier versions kept inside the folder
+        for old in sorted(root.glob(".cache/vit_cache_all_*.pt")):
+            adopt_old_cache(old, default_cache_dir(root) / old.name)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
     # Rank 0 decodes and saves while the others wait, then they load its cache; if it fails, every rank raises.
     caches = rank_zero_first(lambda: _build_caches(root, image_size, cache_dir))
