@@ -1,4 +1,4 @@
-"""Does our engine train a ViT as well as the plain way? The same small ViT, data and schedule, three ways:
+"""Does our engine train a ViT as well as the plain way? The same small ViT, data and schedule, four ways:
 
     ours                 our ViT (the official initialisation), `make_cached_loaders` (decoded once, augmented
                          as tensors) and `training.fit`
