@@ -735,8 +735,7 @@ DEFAULT_SWEEP = (
     ("basic-shifted", "augment=basic", "crop_padding=4"),
     ("lr-2e-3", "lr=0.002"),
     ("batch-128", "batch_size=128", "compile_mode=reduce-overhead"),
-    ("init-timm", 'model_overrides={"embed_dim": 384, "num_layers": 7, "num_heads": 6, "mlp_dim": 768, '
-                  '"init": "timm"}'),
+    ("init-timm", "model_overrides=" + json.dumps({**get_recipe("cifar10").model_overrides, "init": "timm"})),
     ("resnet18", "reference=resnet18"),
 )
 #: Models that are not a ViT, for a variant to measure what the data allows: `reference_model`.

@@ -13,8 +13,8 @@
     python scripts/reference_check.py --data FOLDER --runs ours,reference --epochs 12 --seed 1
     python scripts/reference_check.py --smoke                                               # seconds, a tiny tree
 
-Augmentation: CIFAR's shifted crops (4 pixels) and flips. Each run prints its test accuracy after every epoch, and
-a table at the end; --json saves the histories. On 2 CPU cores a run of the default size takes about 13 minutes.
+Augmentation: CIFAR's shifted crops (4 pixels) and flips. Each run prints its accuracies after every epoch, and a
+table at the end; --json saves the histories. On 2 CPU cores a run of the default size takes about 13 minutes.
 What it measured is in BENCHMARKS.md ("Which initialisation").
 """
 
@@ -114,10 +114,7 @@ def train_ours(args, folder: Path, run: str) -> list[dict]:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          warmup_epochs=1, label_smoothing=0.1, clip_norm=1.0, device="cpu", compile=False,
                          seed=42 + args.seed)
-    history = fit(model, train_loader, test_loader, config=config, class_names=classes, progress=False)
-    for record in history:
-        print(f"  epoch {record['epoch']}: test accuracy {record['test_accuracy']:.4f}", flush=True)
-    return history
+    return fit(model, train_loader, test_loader, config=config, class_names=classes)  # a bar, a line per epoch
 
 
 def train_reference(args, folder: Path) -> list[dict]:

@@ -146,6 +146,14 @@ def cache_folder(image_folder: str | Path) -> Path:
     return image_folder.parent / ".cache" / image_folder.name
 
 
+def split_folders(root: Path) -> dict[str, Path]:
+    """split name -> folder of images: "train" and "test" for a folder with train/ and test/ inside, else "all" (the
+    folder itself, which the loaders split with `stratified_split`)."""
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return {"train": root / "train", "test": root / "test"}
+    return {"all": root}
+
+
 def adopt_old_cache(old: Path, new: Path) -> None:
     """Move a cache file from where earlier versions kept it, `.cache/` inside the folder of images, to `new`, where
     it is kept now (dropped if a newer one is there already), and remove that `.cache/` once it is empty: torchvision's
@@ -374,9 +382,10 @@ def load_image_datasets(data_dir, test_fraction: float = 0.15, seed: int = 42, t
     A folder with train/ and test/ inside is split that way; any other folder is split by `stratified_split`.
     """
     root = resolve_dataset(data_dir)
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        train = VerifiedImageFolder(root / "train", transform=train_transform)
-        test = VerifiedImageFolder(root / "test", transform=test_transform)
+    splits = split_folders(root)
+    if "all" not in splits:
+        train = VerifiedImageFolder(splits["train"], transform=train_transform)
+        test = VerifiedImageFolder(splits["test"], transform=test_transform)
         if train.classes != test.classes:
             raise DatasetError(f"{root}/train and {root}/test have different class folders "
                                f"({train.classes} vs {test.classes}); give both the same classes.")

@@ -58,6 +58,7 @@ from vit_helpers.data import (
     checked_crop,
     load_rgb,
     resize_and_crop,
+    split_folders,
     stratified_split,
 )
 from vit_helpers.datasets import DatasetError, rank_zero_first, resolve_dataset
@@ -119,23 +120,16 @@ def load_or_build_cache(folder: VerifiedImageFolder, image_size: int, cache_file
     return cached
 
 
-def _splits(root: Path) -> dict[str, Path]:
-    """split name -> folder of images: "train" and "test" for a folder with train/ and test/, else "all"."""
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        return {"train": root / "train", "test": root / "test"}
-    return {"all": root}
-
-
 def default_cache_dir(root: Path) -> Path:
     """Where the decoded images of the data set in `root` are saved: `root/.cache` beside its train/ and test/, or,
     where `root` holds the class folders itself, `data.cache_folder(root)` beside it. Never inside a folder of class
     folders, which torchvision's ImageFolder would then fail to read."""
-    return root / ".cache" if "all" not in _splits(root) else cache_folder(root)
+    return root / ".cache" if "all" not in split_folders(root) else cache_folder(root)
 
 
 def _build_caches(root: Path, image_size: int, cache_dir: Path) -> dict[str, dict]:
     """split name -> cache: "train" and "test" for a folder with train/ and test/, else "all"."""
-    splits = _splits(root)
+    splits = split_folders(root)
     caches = {name: load_or_build_cache(VerifiedImageFolder(path), image_size,
                                         cache_dir / f"vit_cache_{name}_{image_size}.pt")
               for name, path in splits.items()}
@@ -558,10 +552,12 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     num_replicas = world_size if num_replicas is None else num_replicas
     rank = world_rank if rank is None else rank
     root = resolve_dataset(data_dir)
-    if cache_dir is None and "all" in _splits(root):  # caches that earlier versions kept inside the folder
-        for old in sorted(root.glob(".cache/vit_cache_all_*.pt")):
-            adopt_old_cache(old, default_cache_dir(root) / old.name)
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
+    if cache_dir is None:
+        cache_dir = default_cache_dir(root)
+        if cache_dir != root / ".cache":  # a folder of class folders: earlier versions kept its caches inside it
+            for old in sorted(root.glob(".cache/vit_cache_all_*.pt")):
+                adopt_old_cache(old, cache_dir / old.name)
+    cache_dir = Path(cache_dir)
     # Rank 0 decodes and saves while the others wait, then they load its cache; if it fails, every rank raises.
     caches = rank_zero_first(lambda: _build_caches(root, image_size, cache_dir))
     if "all" in caches:
