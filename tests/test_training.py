@@ -653,6 +653,39 @@ def test_an_epoch_frees_its_last_gradients_before_the_evaluation():
     assert all(parameter.grad is None for parameter in model.parameters())
 
 
+class LooksCompiled(nn.Module):
+    """A model wrapped as torch.compile wraps one (`_orig_mod`), counting the batch size of each call: the
+    evaluation's handling of compiled models, tested without the minutes a compilation takes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._orig_mod, self.batch_sizes = model, []
+
+    def forward(self, images):
+        self.batch_sizes.append(len(images))
+        return self._orig_mod(images)
+
+
+def test_predict_treats_a_compiled_model_as_evaluate_does(monkeypatch):
+    """`predict` (the confusion matrix, the notebooks' examples) runs a compiled model as `evaluate` does: every call
+    marked as a new iteration for CUDA graphs, and the short last batch padded to the full size (no compilation
+    for a new shape), giving the same probabilities as the plain model, padding cut off."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model = tiny_vit()
+    test_loader = DataLoader(coloured_images(50, seed=1), batch_size=16)  # 16, 16, 16 and a last batch of 2
+    plain, plain_labels = training.predict(model, test_loader, "cpu")
+    assert marks == [] and len(plain) == 50
+    wrapped = LooksCompiled(model).train()
+    probabilities, labels = training.predict(wrapped, test_loader, "cpu")
+    assert wrapped.batch_sizes == [16, 16, 16, 16] and len(marks) == 4
+    assert torch.equal(labels, plain_labels) and torch.allclose(probabilities, plain, atol=1e-6)
+    assert wrapped.training  # put back in training mode, as it came
+    result = training.evaluate(wrapped, test_loader, "cpu")
+    assert wrapped.batch_sizes[4:] == [16, 16, 16, 16] and len(marks) == 8 and result["count"] == 50
+    assert result["accuracy"] == pytest.approx((plain.argmax(1) == plain_labels).float().mean().item())
+
+
 @pytest.mark.parametrize("compile_model", [True, False])
 def test_each_compiled_call_is_marked_as_a_new_iteration_for_cuda_graphs(monkeypatch, compile_model):
     """With CUDA graphs (compile mode reduce-overhead) a replay overwrites the last one's outputs; the engine marks

@@ -444,6 +444,31 @@ def _weights_are_finite(model: nn.Module) -> bool:
     return bool(torch.stack([parameter.isfinite().all() for parameter in model.parameters()]).all())
 
 
+def evaluation_logits(model: nn.Module, loader, device: torch.device, amp: bool = True):
+    """(logits (B, num_classes), labels (B,)) for each batch of `loader`, in eval mode, on `device`: the one loop
+    under both `evaluate` and `predict`. The caller restores train mode and wraps it in torch.no_grad.
+
+    For a compiled model it marks each call as a new iteration (CUDA graphs, `mark_new_iteration`) and pads the
+    last, smaller batch to the full size with copies of its first image, so that the model runs the graph it has
+    instead of compiling another for this one batch (tens of seconds on a GPU). In eval mode every image's logits
+    depend on that image alone, so the padding changes nothing; its rows are cut off again here. Under CUDA graphs
+    the next batch's replay writes over these logits: use them (or copy them) before asking for the next batch.
+    """
+    model.eval()
+    full_batch = None
+    compiled = hasattr(model, "_orig_mod")  # torch.compile's wrapper
+    for images, labels in loader:
+        images, labels = _to_device(images, labels, device)
+        full_batch = full_batch or len(images)
+        if compiled and len(images) < full_batch:
+            padding = images[:1].expand(full_batch - len(images), *images.shape[1:])
+            images = torch.cat([images, padding])
+        mark_new_iteration(model)
+        with _autocast(device, amp):
+            logits = model(images)
+        yield logits[:len(labels)], labels
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str | None = None, amp: bool = True,
              distributed: bool = False) -> dict[str, float]:
@@ -454,23 +479,10 @@ def evaluate(model: nn.Module, loader, device: torch.device | str | None = None,
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
-    model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    count, full_batch = 0, None
-    compiled = hasattr(model, "_orig_mod")  # torch.compile's wrapper
-    for images, labels in loader:
-        images, labels = _to_device(images, labels, device)
-        full_batch = full_batch or len(images)
-        if compiled and len(images) < full_batch:
-            # The last, smaller batch, padded to the full size with copies of its first image: a compiled model
-            # then runs the graph it has instead of compiling another for this one batch (tens of seconds on a
-            # GPU). In eval mode every image's logits depend on that image alone, so the padding changes nothing.
-            padding = images[:1].expand(full_batch - len(images), *images.shape[1:])
-            images = torch.cat([images, padding])
-        mark_new_iteration(model)
-        with _autocast(device, amp):
-            logits = model(images)[:len(labels)]
+    count = 0
+    for logits, labels in evaluation_logits(model, loader, device, amp):
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(dim=-1) == labels).sum()
         count += labels.shape[0]
@@ -544,11 +556,8 @@ def predict(model: nn.Module, loader, device: torch.device | str | None = None,
     rank, world_size = distributed_info()
     loader, sharded = evaluation_loader(loader, rank, world_size)
     was_training = model.training
-    model.eval()
     probabilities, labels = [], []
-    for images, batch_labels in loader:
-        with _autocast(device, amp):
-            logits = model(images.to(device, non_blocking=True))
+    for logits, batch_labels in evaluation_logits(model, loader, device, amp):
         probabilities.append(logits.float().softmax(dim=-1).cpu())
         labels.append(batch_labels.cpu())
     model.train(was_training)
