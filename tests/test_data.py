@@ -370,6 +370,16 @@ def test_a_train_folder_without_test_is_an_error_not_two_classes_named_train_and
     assert make_dataloaders(vehicles, image_size=8, batch_size=2, num_workers=0)[2] == ["bus", "train"]
 
 
+def test_train_and_test_with_different_classes_is_one_clear_error_before_any_decoding(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    make_tree(root / "train", classes=("ant", "bee", "cat"), per_class=4)
+    make_tree(root / "test", classes=("ant", "bee", "dog"), per_class=2)
+    monkeypatch.setattr(gpu_data, "decode_images", lambda *args, **kwargs: pytest.fail("decoded before the check"))
+    for make in (make_dataloaders, make_cached_loaders):
+        with pytest.raises(DatasetError, match=r"different class folders \(only in train/: cat; only in test/: dog\)"):
+            make(root, image_size=8, batch_size=2)
+
+
 def test_the_split_does_not_depend_on_the_order_the_file_system_lists_files(tmp_path, monkeypatch):
     import os
 

@@ -154,6 +154,17 @@ def split_folders(root: Path) -> dict[str, Path]:
     return {"all": root}
 
 
+def check_same_classes(root: Path, train_classes: list[str], test_classes: list[str]) -> None:
+    """A DatasetError naming the classes that only one of root/train and root/test has: a model trained on one list
+    of classes and tested on another would count right answers as wrong (labels are indices into the list)."""
+    if train_classes != test_classes:
+        only = {split: sorted(set(mine) - set(theirs)) for split, mine, theirs in
+                (("train", train_classes, test_classes), ("test", test_classes, train_classes))}
+        listed = "; ".join(f"only in {split}/: {', '.join(names)}" for split, names in only.items() if names)
+        raise DatasetError(f"{root}/train and {root}/test have different class folders ({listed}): give both the "
+                           f"same classes, each with images in both.")
+
+
 def adopt_old_cache(old: Path, new: Path) -> None:
     """Move a cache file from where earlier versions kept it, `.cache/` inside the folder of images, to `new`, where
     it is kept now (dropped if a newer one is there already), and remove that `.cache/` once it is empty: torchvision's
@@ -386,9 +397,7 @@ def load_image_datasets(data_dir, test_fraction: float = 0.15, seed: int = 42, t
     if "all" not in splits:
         train = VerifiedImageFolder(splits["train"], transform=train_transform)
         test = VerifiedImageFolder(splits["test"], transform=test_transform)
-        if train.classes != test.classes:
-            raise DatasetError(f"{root}/train and {root}/test have different class folders "
-                               f"({train.classes} vs {test.classes}); give both the same classes.")
+        check_same_classes(root, train.classes, test.classes)
         return train, test, train.classes
     folder = VerifiedImageFolder(root)
     train_indices, test_indices = stratified_split(folder.targets, test_fraction, seed)

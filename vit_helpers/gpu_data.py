@@ -55,13 +55,14 @@ from vit_helpers.data import (
     _cpu_count,
     adopt_old_cache,
     cache_folder,
+    check_same_classes,
     checked_crop,
     load_rgb,
     resize_and_crop,
     split_folders,
     stratified_split,
 )
-from vit_helpers.datasets import DatasetError, rank_zero_first, resolve_dataset
+from vit_helpers.datasets import rank_zero_first, resolve_dataset
 from vit_helpers.files import atomic_write
 from vit_helpers.training import distributed_info
 
@@ -129,13 +130,11 @@ def default_cache_dir(root: Path) -> Path:
 
 def _build_caches(root: Path, image_size: int, cache_dir: Path) -> dict[str, dict]:
     """split name -> cache: "train" and "test" for a folder with train/ and test/, else "all"."""
-    splits = split_folders(root)
-    caches = {name: load_or_build_cache(VerifiedImageFolder(path), image_size,
-                                        cache_dir / f"vit_cache_{name}_{image_size}.pt")
-              for name, path in splits.items()}
-    if "train" in caches and caches["train"]["classes"] != caches["test"]["classes"]:
-        raise DatasetError(f"{root}/train and {root}/test have different class folders; give both the same.")
-    return caches
+    folders = {name: VerifiedImageFolder(path) for name, path in split_folders(root).items()}
+    if "train" in folders:  # before decoding anything
+        check_same_classes(root, folders["train"].classes, folders["test"].classes)
+    return {name: load_or_build_cache(folder, image_size, cache_dir / f"vit_cache_{name}_{image_size}.pt")
+            for name, folder in folders.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
