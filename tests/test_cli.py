@@ -131,6 +131,9 @@ def one_error_line(capsys) -> str:
     (["--stop-after-epoch", "0"], "argument --stop-after-epoch: expected a whole number of at least 1, got '0'"),
     (["--compile-augment", "--no-cached"], "--compile-augment compiles the cached loaders' augmentation, and this "
                                             "run does not use them: add --cached (a new run) or --no-compile-augment"),
+    (["--augment", "strong", "--augment-magnitude", "31"], "augment_magnitude must be a whole number from 0 to 30"),
+    (["--augment", "basic", "--augment-magnitude", "27"], "--augment-magnitude sets RandAugment's strength, and this "
+                                                          "run does not use RandAugment: add --augment strong"),
 ])
 def test_bad_arguments_give_one_line_and_exit_code_2(tiny_folder, tmp_path, capsys, extra, message):
     assert main(train_args(tiny_folder, tmp_path / "run", *extra)) == 2
@@ -208,6 +211,27 @@ def test_torchrun_stopped_by_a_nan_loss_says_so_once_and_leaves_cleanly(tiny_fol
     reports = [line for line in result.stderr.splitlines() if "NaN or infinite" in line or "loss became" in line]
     assert len(reports) == 1, result.stderr[-2000:]  # from rank 0 only
     assert "destroy_process_group" not in result.stderr  # PyTorch's warning for a process group left open
+
+
+def test_augment_magnitude_reaches_the_loader_and_cannot_change_on_resume(tiny_folder, tmp_path, monkeypatch,
+                                                                          capsys):
+    from vit_helpers import gpu_data
+
+    seen, make = [], gpu_data.make_cached_loaders
+
+    def recording(*args, **kwargs):
+        loaders = make(*args, **kwargs)
+        seen.append(loaders[0].augment.magnitude)  # the training loader's RandAugment
+        return loaders
+
+    monkeypatch.setattr(gpu_data, "make_cached_loaders", recording)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--augment", "strong", "--augment-magnitude", "27",
+                           "--stop-after-epoch", "1")) == 0
+    assert json.loads((out / "metrics.json").read_text())["settings"]["augment_magnitude"] == 27
+    assert main(["train", "--out", str(out), "--resume", "--augment-magnitude", "9"]) == 2
+    assert "--augment-magnitude cannot change" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume"]) == 0 and seen == [27, 27]
 
 
 def test_crop_scale_reaches_the_loader_and_resumes_with_the_same_flag(tiny_folder, tmp_path, monkeypatch):

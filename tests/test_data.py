@@ -117,7 +117,8 @@ def test_crop_scale_reaches_the_random_resized_crop_and_bad_values_are_refused(t
 def test_strong_augmentation_and_the_constants(tmp_path):
     root = make_tree(tmp_path / "tree")
     train, _, _ = make_dataloaders(root, image_size=8, batch_size=4, augment="strong", num_workers=0)
-    assert any(type(t).__name__ == "RandAugment" for t in train.dataset.transform.transforms)
+    randaugment, = (t for t in train.dataset.transform.transforms if type(t).__name__ == "RandAugment")
+    assert (randaugment.num_ops, randaugment.magnitude) == (2, data.RANDAUGMENT_MAGNITUDE) == (2, 9)
     with pytest.raises(ValueError, match="augment"):
         make_dataloaders(root, augment="heavy")
     images = torch.rand(2, 3, 8, 8)
@@ -127,46 +128,89 @@ def test_strong_augmentation_and_the_constants(tmp_path):
     assert data.NORMALIZE_MEAN == data.NORMALIZE_STD == (0.5, 0.5, 0.5)
 
 
+def randaugment_space(magnitude: int) -> dict[str, float]:
+    """What torchvision's RandAugment does at `magnitude` (31 bins), read from torchvision itself: each op's
+    largest change at that bin."""
+    from torchvision.transforms import v2
+
+    space = v2.RandAugment._AUGMENTATION_SPACE  # name -> (values of the 31 bins for an image size, signed)
+    return {name: float(values(31, 32, 32)[magnitude]) for name, (values, _) in space.items()
+            if name not in ("Identity", "AutoContrast", "Equalize")}
+
+
+def test_the_strong_policys_magnitude_reaches_both_loaders_and_bad_ones_are_refused(tmp_path):
+    """augment_magnitude (RandAugment's strength on torchvision's 0-30 scale): torchvision's RandAugment gets it on
+    the CPU path; on the device, the same draws at magnitude 27 shear and shift three times as far as at 9."""
+    root = make_tree(tmp_path / "tree")
+    train, _, _ = make_dataloaders(root, image_size=8, batch_size=4, augment="strong", num_workers=0,
+                                   augment_magnitude=27)
+    assert [t.magnitude for t in train.dataset.transform.transforms if type(t).__name__ == "RandAugment"] == [27]
+    cached, _, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu", augment="strong",
+                                       augment_magnitude=27)
+    assert cached.augment.magnitude == 27
+    (matrices, ops_and_signs), (base_matrices, base_ops_and_signs) = (
+        gpu_data.DeviceAugment("strong", magnitude=magnitude).draw(1000, torch.Generator().manual_seed(0), 8, "cpu")
+        for magnitude in (27, 9))
+    assert torch.equal(ops_and_signs, base_ops_and_signs)  # the same two ops and signs per image
+    assert torch.equal(matrices[0], base_matrices[0])  # the same crops
+    ops = ops_and_signs[0].long()  # (2, images)
+    for index in range(2):  # the two geometric ops: shears and shifts move these entries (rotations the diagonal)
+        kept = ops[index] != gpu_data.RANDAUGMENT_OPS.index("rotate")
+        stronger, base = (m[1 + index, kept][:, [0, 1, 0, 1], [1, 0, 2, 2]] for m in (matrices, base_matrices))
+        assert base.abs().sum() > 0  # shears and shifts were drawn
+        torch.testing.assert_close(stronger, 3 * base)
+    for bad in (-1, 31, 9.5, True, "9"):
+        with pytest.raises(ValueError, match="augment_magnitude must be a whole number from 0 to 30"):
+            make_dataloaders(root, image_size=8, batch_size=4, augment="strong", num_workers=0, augment_magnitude=bad)
+        with pytest.raises(ValueError, match="augment_magnitude"):
+            gpu_data.DeviceAugment("strong", magnitude=bad)
+
+
+@pytest.mark.parametrize("magnitude", [9, 2, 27, 30])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_cached_strong_colour_ops_equal_torchvisions_randaugment_ops(sign):
-    """Each colour op of the on-device policy is torchvision's, at RandAugment's magnitude 9 of 31."""
+def test_cached_strong_colour_ops_equal_torchvisions_randaugment_ops(sign, magnitude):
+    """Each colour op of the on-device policy is torchvision's at the same RandAugment magnitude: 9 of 30 (the
+    default), 27 (DeiT's rand-m9 on torchvision's scale), 30 (the largest), 2 (posterize keeps all 8 bits)."""
     from torchvision.transforms.v2 import functional as TF
 
+    space = randaugment_space(magnitude)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=generator)
     images = pixels.float() / 255
-    factor = 1 + 0.9 * gpu_data.MAGNITUDE * sign  # 1 +- 0.27: torchvision's linspace(0, 0.9, 31)[9]
     expected = {
         "identity": images,
-        "brightness": TF.adjust_brightness(images, factor),
-        "color": TF.adjust_saturation(images, factor),
-        "contrast": TF.adjust_contrast(images, factor),
-        "sharpness": TF.adjust_sharpness(images, factor),
-        "posterize": TF.posterize(pixels, 7).float() / 255,  # 8 - round(9 / 7.5) bits
-        "solarize": TF.solarize(images, 1 - gpu_data.MAGNITUDE),  # threshold linspace(1, 0, 31)[9] = 0.7
+        "brightness": TF.adjust_brightness(images, 1 + space["Brightness"] * sign),
+        "color": TF.adjust_saturation(images, 1 + space["Color"] * sign),
+        "contrast": TF.adjust_contrast(images, 1 + space["Contrast"] * sign),
+        "sharpness": TF.adjust_sharpness(images, 1 + space["Sharpness"] * sign),
+        "posterize": TF.posterize(pixels, int(space["Posterize"])).float() / 255,
+        "solarize": TF.solarize(images, space["Solarize"]),
         "autocontrast": TF.autocontrast(images),
     }
     for name, reference in expected.items():
         ops = torch.full((4,), gpu_data.RANDAUGMENT_OPS.index(name))
-        actual = gpu_data.colour_ops(images, ops, torch.full((4,), sign))
+        actual = gpu_data.colour_ops(images, ops, torch.full((4,), sign), magnitude)
         torch.testing.assert_close(actual, reference, rtol=0, atol=1e-5, msg=name)
 
 
-def test_cached_strong_geometric_ops_equal_torchvisions_affine_at_randaugments_magnitudes():
-    """Shear 0.09, translation 150/331 x 30% of the side, rotation 9 degrees: torchvision's RandAugment at magnitude
-    9 of 31, each by F.affine about the image centre (torchvision shears about the corner: a shift of ~1 pixel
-    in 32). The sign of each op is drawn at random, so which direction a sign means does not matter."""
+@pytest.mark.parametrize("magnitude", [9, 27])
+def test_cached_strong_geometric_ops_equal_torchvisions_affine_at_randaugments_magnitudes(magnitude):
+    """At magnitude 9 of 30: shear 0.09, translation 150/331 x 30% of the side, rotation 9 degrees, as torchvision's
+    RandAugment (read from it), each by F.affine about the image centre (torchvision shears about the corner: a
+    shift of ~1 pixel in 32); at 27, three times as much. The sign of each op is drawn at random, so which
+    direction a sign means does not matter."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
+    space = randaugment_space(magnitude)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    shear, shift = math.degrees(math.atan(0.09)), 150 / 331 * 0.3 * 32
+    shear, shift = math.degrees(math.atan(space["ShearX"])), space["TranslateX"]
     affine = dict(angle=0.0, translate=[0.0, 0.0], scale=1.0, shear=[0.0, 0.0],
                   interpolation=InterpolationMode.BILINEAR)
     for sign in (-1.0, 1.0):
         direction = -sign  # our sign against torchvision's: rotation and translation opposite, shear the same
         expected = {
-            "rotate": dict(affine, angle=9.0 * direction),
+            "rotate": dict(affine, angle=space["Rotate"] * direction),
             "translate_x": dict(affine, translate=[shift * direction, 0.0]),
             "translate_y": dict(affine, translate=[0.0, shift * direction]),
             "shear_x": dict(affine, shear=[-shear * direction, 0.0]),
@@ -174,7 +218,7 @@ def test_cached_strong_geometric_ops_equal_torchvisions_affine_at_randaugments_m
         }
         for name, arguments in expected.items():
             ops = torch.full((2,), gpu_data.RANDAUGMENT_OPS.index(name))
-            matrices = gpu_data.geometric_op_matrices(ops, torch.full((2,), sign))
+            matrices = gpu_data.geometric_op_matrices(ops, torch.full((2,), sign), magnitude)
             grid = torch.nn.functional.affine_grid(matrices[:, :2], [2, 3, 32, 32], align_corners=False)
             actual = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
                                                      align_corners=False)

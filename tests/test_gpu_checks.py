@@ -183,8 +183,9 @@ def test_recipe_changes_are_parsed_as_the_fields_types(gpu_checks, capsys):
 
     recipe = gpu_checks.with_changes(get_recipe("cifar10"), ["lr=2e-3", "epochs=150", "augment=basic",
                                                              'model_overrides={"num_layers": 6}',
-                                                             "crop_scale=0.5,1"])
+                                                             "crop_scale=0.5,1", "augment_magnitude=27"])
     assert (recipe.lr, recipe.epochs, recipe.augment, recipe.crop_scale) == (2e-3, 150, "basic", (0.5, 1.0))
+    assert recipe.augment_magnitude == 27
     config = recipe.model_config(10)  # the dict replaces the recipe's whole: ViT-S/4 with 6 layers
     assert (config.num_layers, config.embed_dim, config.mlp_dim) == (6, 384, 1536)
     with pytest.raises(SystemExit):
@@ -200,7 +201,8 @@ def test_recipe_changes_are_parsed_as_the_fields_types(gpu_checks, capsys):
     for bad, message in ((["crop_scale=0.5,1", "crop_padding=4"], "choose between two kinds of crop"),
                          (["crop_padding=-2"], "crop_padding must be a whole number of pixels"),
                          (["crop_scale=2,3"], "crop_scale must be"), (["augment=strnog"], "strnog"),
-                         (['model_overrides={"num_heads": 5}'], "num_heads")):
+                         (['model_overrides={"num_heads": 5}'], "num_heads"),
+                         (["augment_magnitude=40"], "augment_magnitude must be a whole number from 0 to 30")):
         with pytest.raises(SystemExit):
             gpu_checks.parse_args([arg for value in bad for arg in ("--cifar-set", value)])
         assert message in capsys.readouterr().err, bad

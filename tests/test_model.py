@@ -351,7 +351,8 @@ def test_initialisation_follows_the_official_code():
 
 def test_timm_initialisation_draws_every_tensor_as_timms_own_model_does():
     """init="timm": parameter by parameter (the names are timm's), the same distribution as a freshly built timm
-    VisionTransformer's: the same zeros and ones, the same mean and spread, within sampling error. The official start differs from it in most tensors (Xavier's spread, a zero head)."""
+    VisionTransformer's: the same zeros and ones, the same mean and spread, within sampling error. The official
+    start differs from it in most tensors (Xavier's spread, a zero head)."""
     timm_vit = pytest.importorskip("timm.models.vision_transformer")
     torch.manual_seed(0)
     theirs = dict(timm_vit.VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=2, num_heads=3,

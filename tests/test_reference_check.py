@@ -1,5 +1,6 @@
 """scripts/reference_check.py: our engine against the plain way (timm's ViT, torchvision's transforms, a loop written
-out), on the same data and schedule. Its figures are in BENCHMARKS.md; here, that it runs and compares like with like."""
+out), on the same data and schedule. Its figures are in BENCHMARKS.md; here, that it runs and compares like with
+like."""
 
 import importlib.util
 import json

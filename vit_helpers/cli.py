@@ -120,6 +120,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cutmix", dest="cutmix_alpha", type=float, metavar="ALPHA",
                         help="CutMix on every batch (0: off); with --mixup too, each batch gets one of the two")
     parser.add_argument("--augment", choices=("none", "basic", "strong"))
+    parser.add_argument("--augment-magnitude", type=int, metavar="M",
+                        help="with --augment strong: RandAugment's strength on torchvision's scale, 0-30 (default 9, "
+                             "a third of each op's range; DeiT's rand-m9 is 27)")
     parser.add_argument("--crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="the random resized crops' share of the image area, e.g. 0.8 1.0 (default: the "
                              "loaders', vit_helpers.data.RANDOM_CROP_SCALE); replaces a recipe's --crop-padding")
@@ -290,16 +293,18 @@ def build_loaders(settings: dict, device: torch.device):
                                    batch_size=settings["batch_size"], device=device, seed=settings["seed"],
                                    augment=settings["augment"], crop_scale=settings["crop_scale"],
                                    crop_padding=settings["crop_padding"],
+                                   augment_magnitude=settings["augment_magnitude"],
                                    compile_augment=settings["compile_augment"])
     return data.make_dataloaders(settings["data"], image_size=settings["image_size"],
                                  batch_size=settings["batch_size"], seed=settings["seed"],
                                  num_workers=settings["num_workers"], augment=settings["augment"],
-                                 crop_scale=settings["crop_scale"], crop_padding=settings["crop_padding"])
+                                 crop_scale=settings["crop_scale"], crop_padding=settings["crop_padding"],
+                                 augment_magnitude=settings["augment_magnitude"])
 
 
 def prepare_run(args):
     """Everything before training, where any failure is a usage error: settings, device, data, model."""
-    from vit_helpers.data import checked_crop
+    from vit_helpers.data import _augment_policy, checked_crop, checked_magnitude
     from vit_helpers.datasets import DatasetError
 
     out = Path(args.out)
@@ -313,6 +318,10 @@ def prepare_run(args):
         model_config(settings, num_classes=2)  # checks the model name and sizes before the data is read
         train_config(settings)  # and the optimisation settings
         checked_crop(settings["crop_scale"], settings["crop_padding"])
+        checked_magnitude(settings["augment_magnitude"])
+        if args.augment_magnitude is not None and _augment_policy(settings["augment"]) != "strong":
+            raise ValueError("--augment-magnitude sets RandAugment's strength, and this run does not use RandAugment: "
+                             "add --augment strong, or drop --augment-magnitude.")
         if settings["compile_augment"] and not settings["cached"]:
             raise ValueError("--compile-augment compiles the cached loaders' augmentation, and this run does not "
                              "use them: add --cached (a new run) or --no-compile-augment.")

@@ -49,6 +49,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: RandomResizedCrop keeps 35-100% of the image's area. Inception's 8% suits 224-pixel ImageNet photos; on a
 #: 28-pixel garment or a small dataset such crops leave too little to recognise.
 RANDOM_CROP_SCALE = (0.35, 1.0)
+#: RandAugment's strength (augment="strong"), on torchvision's scale: bins 0 to 30, each op at magnitude / 30 of its
+#: largest change (rotation 30 degrees, shear 0.3, colour factors 1 +- 0.9, ...). 9 is torchvision's default, about a
+#: third. timm's and DeiT's "rand-m9" counts in tenths (timm's _LEVEL_DENOM = 10), so it is 27 here: three times ours.
+RANDAUGMENT_MAGNITUDE = 9
+RANDAUGMENT_MAGNITUDE_BINS = 31
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -154,7 +159,7 @@ def split_folders(root: Path) -> dict[str, Path]:
     return {"all": root}
 
 
-def check_same_classes(root: Path, train_classes: list[str], test_classes: list[str]) -> None:
+def check_split_classes(root: Path, train_classes: list[str], test_classes: list[str]) -> None:
     """A DatasetError naming the classes that only one of root/train and root/test has: a model trained on one list
     of classes and tested on another would count right answers as wrong (labels are indices into the list)."""
     if train_classes != test_classes:
@@ -238,16 +243,19 @@ class VerifiedImageFolder(ImageFolder):
 # --------------------------------------------------------------------------------------------------------------
 
 def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE_MEAN, std=NORMALIZE_STD, *,
-                     crop_scale: tuple[float, float] | None = None, crop_padding: int | None = None):
+                     crop_scale: tuple[float, float] | None = None, crop_padding: int | None = None,
+                     magnitude: int = RANDAUGMENT_MAGNITUDE):
     """(train transform, test transform) for PIL images -> normalised float tensors (3, image_size, image_size).
 
     Test: resize the short side, centre crop, normalise (deterministic). Train: a random crop, then a horizontal
-    flip half of the time; augment="strong" adds RandAugment (2 ops, magnitude 9, as in AugReg and DeiT);
+    flip half of the time; augment="strong" adds torchvision's RandAugment (2 ops at `magnitude` of 30: 9, its
+    default, is a third of the strength of DeiT's rand-m9, which is 27 here: RANDAUGMENT_MAGNITUDE);
     augment=False gives train the test transform. The crop is a random resized crop keeping a crop_scale fraction
     of the area (None: RANDOM_CROP_SCALE), or, with crop_padding=P, the test transform's square shifted by up to P
     pixels with black coming in from outside (RandomCrop(image_size, padding=P): CIFAR's usual augmentation).
     """
     crop_scale, crop_padding = checked_crop(crop_scale, crop_padding)
+    magnitude = checked_magnitude(magnitude)
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     test = v2.Compose([*resize_and_crop(image_size).transforms, *to_tensor])
     policy = _augment_policy(augment)
@@ -259,7 +267,7 @@ def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE
         crop = [*resize_and_crop(image_size).transforms, v2.RandomCrop(image_size, padding=crop_padding)]
     train = [*crop, v2.RandomHorizontalFlip()]
     if policy == "strong":
-        train.append(v2.RandAugment(num_ops=2, magnitude=9))
+        train.append(v2.RandAugment(num_ops=2, magnitude=magnitude, num_magnitude_bins=RANDAUGMENT_MAGNITUDE_BINS))
     return v2.Compose([*train, *to_tensor]), test
 
 
@@ -285,6 +293,16 @@ def checked_crop_padding(crop_padding=None) -> int | None:
         raise ValueError(f"crop_padding must be a whole number of pixels, 0 or more, by which random crops shift "
                          f"the image (4 is CIFAR's usual), or None for random resized crops; got {crop_padding!r}.")
     return crop_padding
+
+
+def checked_magnitude(magnitude=RANDAUGMENT_MAGNITUDE) -> int:
+    """RandAugment's magnitude as a whole number of bins from 0 to 30, or a ValueError saying what to pass."""
+    top = RANDAUGMENT_MAGNITUDE_BINS - 1
+    if isinstance(magnitude, bool) or not isinstance(magnitude, int) or not 0 <= magnitude <= top:
+        raise ValueError(f"augment_magnitude must be a whole number from 0 to {top}, RandAugment's strength on "
+                         f"torchvision's scale ({RANDAUGMENT_MAGNITUDE}, the default, is about a third of each op's "
+                         f"largest change; DeiT's rand-m9 is 27); got {magnitude!r}.")
+    return magnitude
 
 
 def checked_crop(crop_scale=None, crop_padding=None) -> tuple[tuple[float, float], int | None]:
@@ -397,7 +415,7 @@ def load_image_datasets(data_dir, test_fraction: float = 0.15, seed: int = 42, t
     if "all" not in splits:
         train = VerifiedImageFolder(splits["train"], transform=train_transform)
         test = VerifiedImageFolder(splits["test"], transform=test_transform)
-        check_same_classes(root, train.classes, test.classes)
+        check_split_classes(root, train.classes, test.classes)
         return train, test, train.classes
     folder = VerifiedImageFolder(root)
     train_indices, test_indices = stratified_split(folder.targets, test_fraction, seed)
@@ -414,18 +432,20 @@ def default_num_workers(num_images: int) -> int:
 def make_dataloaders(data_dir, image_size: int = 224, batch_size: int = 32, test_fraction: float = 0.15,
                      seed: int = 42, num_workers: int | None = None, augment: bool | str = True, *,
                      mean=NORMALIZE_MEAN, std=NORMALIZE_STD, crop_scale: tuple[float, float] | None = None,
-                     crop_padding: int | None = None) -> tuple[DataLoader, DataLoader, list[str]]:
+                     crop_padding: int | None = None, augment_magnitude: int = RANDAUGMENT_MAGNITUDE,
+                     ) -> tuple[DataLoader, DataLoader, list[str]]:
     """(train loader, test loader, class names) for a dataset name ("sample", "animals10", "cifar10") or folder.
 
     Train: a DistributedSampler (world size 1 outside torch.distributed) shuffling with `seed`; call
     `train_loader.sampler.set_epoch(epoch)` each epoch and the order is a function of (seed, epoch), which makes
     resumed and multi-GPU training exact. Full batches only (drop_last). The random resized crop keeps a
     crop_scale = (low, high) fraction of each image's area (None: RANDOM_CROP_SCALE); crop_padding=P shifts the
-    image by up to P pixels instead (`build_transforms`). Test: every image, in order, unaugmented.
+    image by up to P pixels instead (`build_transforms`); augment="strong" adds RandAugment at
+    `augment_magnitude` (0-30, RANDAUGMENT_MAGNITUDE). Test: every image, in order, unaugmented.
     Batches are (images float32 (B, 3, S, S) normalised with mean/std, labels int64 (B,)).
     """
     train_transform, test_transform = build_transforms(image_size, augment, mean, std, crop_scale=crop_scale,
-                                                       crop_padding=crop_padding)
+                                                       crop_padding=crop_padding, magnitude=augment_magnitude)
     train_set, test_set, classes = load_image_datasets(data_dir, test_fraction, seed, train_transform,
                                                        test_transform)
     rank, world_size = distributed_info()

@@ -7,8 +7,9 @@ each epoch then only gathers rows, and the augmentation runs on the device in ba
     random resized crop + horizontal flip   one affine sampling grid per image, `F.grid_sample` for the batch
       (or crop_padding=P: shifts of up to P whole pixels, black coming in: CIFAR's usual crop, by indexing, so
       every pixel is copied as it is; the strong policy's geometric ops then resample the shifted image)
-    augment="strong"                        + two RandAugment-style ops per image at magnitude 9 (geometric ops
-                                              join the grid, colour ops are masked tensor ops)
+    augment="strong"                        + two RandAugment-style ops per image at augment_magnitude (9 of 30
+                                              by default; geometric ops join the grid, colour ops are masked
+                                              tensor ops)
 
     train_loader, test_loader, classes = make_cached_loaders("animals10", image_size=224, batch_size=256)
     for epoch in range(epochs):
@@ -49,14 +50,17 @@ from tqdm.auto import tqdm
 from vit_helpers.data import (
     NORMALIZE_MEAN,
     NORMALIZE_STD,
+    RANDAUGMENT_MAGNITUDE,
+    RANDAUGMENT_MAGNITUDE_BINS,
     RANDOM_CROP_SCALE,
     VerifiedImageFolder,
     _augment_policy,
     _cpu_count,
     adopt_old_cache,
     cache_folder,
-    check_same_classes,
+    check_split_classes,
     checked_crop,
+    checked_magnitude,
     load_rgb,
     resize_and_crop,
     split_folders,
@@ -132,7 +136,7 @@ def _build_caches(root: Path, image_size: int, cache_dir: Path) -> dict[str, dic
     """split name -> cache: "train" and "test" for a folder with train/ and test/, else "all"."""
     folders = {name: VerifiedImageFolder(path) for name, path in split_folders(root).items()}
     if "train" in folders:  # before decoding anything
-        check_same_classes(root, folders["train"].classes, folders["test"].classes)
+        check_split_classes(root, folders["train"].classes, folders["test"].classes)
     return {name: load_or_build_cache(folder, image_size, cache_dir / f"vit_cache_{name}_{image_size}.pt")
             for name, folder in folders.items()}
 
@@ -141,14 +145,18 @@ def _build_caches(root: Path, image_size: int, cache_dir: Path) -> dict[str, dic
 # Augmentation on the device, batched: one sampling grid per image, masked colour operations
 # --------------------------------------------------------------------------------------------------------------
 
-# RandAugment's operations (Cubuk et al. 2020) at torchvision's magnitude 9 of 31 bins, i.e. 30% of each range.
-# Equalize is left out: a per-image histogram has no cheap batched form. Every other op equals torchvision's at
-# that magnitude with bilinear interpolation (tests/test_data.py), except that shears turn about the centre rather
-# than the top-left corner.
+# RandAugment's operations (Cubuk et al. 2020) at a magnitude on torchvision's scale of 31 bins (0-30; default
+# data.RANDAUGMENT_MAGNITUDE, 9: 30% of each op's largest change). Equalize is left out: a per-image histogram has no
+# cheap batched form. Every other op equals torchvision's at the same magnitude with bilinear interpolation
+# (tests/test_data.py), except that shears turn about the centre rather than the top-left corner.
 RANDAUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
                    "contrast", "sharpness", "posterize", "solarize", "autocontrast")
 _OP = {name: index for index, name in enumerate(RANDAUGMENT_OPS)}
-MAGNITUDE = 9 / 30
+
+
+def op_strength(magnitude: int) -> float:
+    """The share of each op's largest change at `magnitude` (torchvision's linspace over 31 bins: magnitude / 30)."""
+    return magnitude / (RANDAUGMENT_MAGNITUDE_BINS - 1)
 
 
 def crop_flip_matrices(batch: int, generator: torch.Generator, scale=RANDOM_CROP_SCALE, tries: int = 10,
@@ -190,27 +198,33 @@ def shifted_crop_flip_matrices(batch: int, generator: torch.Generator, padding: 
     return matrices
 
 
-def geometric_op_matrices(ops: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+def geometric_op_matrices(ops: torch.Tensor, signs: torch.Tensor, magnitude: int = RANDAUGMENT_MAGNITUDE,
+                          ) -> torch.Tensor:
     """(batch, 3, 3): shear, translate or rotate for the images whose op is one of those, identity for the rest."""
     matrices = torch.eye(3).repeat(len(ops), 1, 1)
-    shear, shift = 0.3 * MAGNITUDE * signs, 2 * (150 / 331) * MAGNITUDE * signs  # shift: [-1, 1] is 2 wide
+    strength = op_strength(magnitude)
+    shear, shift = 0.3 * strength * signs, 2 * (150 / 331) * strength * signs  # shift: [-1, 1] is 2 wide
     matrices[:, 0, 1] += torch.where(ops == _OP["shear_x"], shear, 0)
     matrices[:, 1, 0] += torch.where(ops == _OP["shear_y"], shear, 0)
     matrices[:, 0, 2] += torch.where(ops == _OP["translate_x"], shift, 0)
     matrices[:, 1, 2] += torch.where(ops == _OP["translate_y"], shift, 0)
-    angle = torch.where(ops == _OP["rotate"], math.radians(30 * MAGNITUDE) * signs, 0)
+    angle = torch.where(ops == _OP["rotate"], math.radians(30 * strength) * signs, 0)
     rotation = torch.stack([torch.stack([angle.cos(), -angle.sin()], -1), torch.stack([angle.sin(), angle.cos()], -1)],
                            -2)  # (batch, 2, 2)
     matrices[:, :2, :2] = rotation @ matrices[:, :2, :2]
     return matrices
 
 
-def colour_ops(images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """One colour op per image (RandAugment's, at MAGNITUDE), chosen by `ops`; images (B, 3, H, W) in [0, 1].
+def colour_ops(images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor,
+               magnitude: int = RANDAUGMENT_MAGNITUDE) -> torch.Tensor:
+    """One colour op per image (RandAugment's, at `magnitude` of 30), chosen by `ops`; images (B, 3, H, W) in [0, 1].
 
     Brightness, color, contrast and sharpness are PIL's ImageEnhance: blend the image with a "degenerate"
-    version (black, gray, mean gray, blurred) by a factor 1 +- 0.27; one blend serves all four.
+    version (black, gray, mean gray, blurred) by a factor 1 +- 0.9 x magnitude / 30 (1 +- 0.27 at 9); one blend
+    serves all four. Posterize keeps 8 - round(magnitude / 7.5) bits (7 at 9), solarize inverts from 1 - magnitude / 30.
     """
+    strength = op_strength(magnitude)
+    dropped_bits = round(4 * strength)  # torchvision's 8 - (bin / 7.5).round(); never a tie for a whole bin
     def chosen(name: str) -> torch.Tensor:
         return (ops == _OP[name]).view(-1, 1, 1, 1)
 
@@ -223,14 +237,16 @@ def colour_ops(images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor) -> 
     degenerate = torch.where(chosen("color"), gray, degenerate)
     degenerate = torch.where(chosen("contrast"), gray.mean(dim=(1, 2, 3), keepdim=True), degenerate)
     degenerate = torch.where(chosen("sharpness"), blurred, degenerate)
-    factor = (1 + 0.9 * MAGNITUDE * signs).view(-1, 1, 1, 1)
+    factor = (1 + 0.9 * strength * signs).view(-1, 1, 1, 1)
     out = (degenerate + factor * (images - degenerate)).clamp(0, 1)  # the other ops: degenerate is the image
-    # Keep 7 of 8 bits. A whole pixel value (a shifted crop copies them) can come out of the float arithmetic a
-    # hair below itself, and a bare floor would then take an even value down by 2: the 1e-3 keeps it. (Rounding
-    # to whole values first would put a threshold at every half value, where interpolation between two pixels
-    # often lands, and rounding error would decide the side.)
-    out = torch.where(chosen("posterize"), torch.floor(images * (255 / 2) + 1e-3) * 2 / 255, out)
-    out = torch.where(chosen("solarize") & (images >= 1 - MAGNITUDE), 1 - images, out)
+    if dropped_bits:  # else posterize keeps all 8 bits: the image as it is
+        # Clear the low bits: steps of 2^dropped_bits pixel values. A whole pixel value (a shifted crop copies them)
+        # can come out of the float arithmetic a hair below itself, and a bare floor would then take it down a whole
+        # step: the 1e-3 of a step keeps it. (Rounding to whole values first would put a threshold at every half
+        # value, where interpolation between two pixels often lands, and rounding error would decide the side.)
+        step = 2 ** dropped_bits
+        out = torch.where(chosen("posterize"), torch.floor(images * (255 / step) + 1e-3) * step / 255, out)
+    out = torch.where(chosen("solarize") & (images >= 1 - strength), 1 - images, out)
     low, high = images.amin(dim=(2, 3), keepdim=True), images.amax(dim=(2, 3), keepdim=True)
     stretched = (images - low) / (high - low).clamp(min=1 / 255)
     # A channel flat to within half a uint8 step stays as it is, as a flat uint8 channel does in torchvision;
@@ -309,9 +325,10 @@ class DeviceAugment:
     """
 
     def __init__(self, policy: str = "basic", mean=NORMALIZE_MEAN, std=NORMALIZE_STD, scale=None,
-                 compile: bool = False, *, padding: int | None = None):
+                 compile: bool = False, *, padding: int | None = None, magnitude: int = RANDAUGMENT_MAGNITUDE):
         self.policy = _augment_policy(policy)
         self.scale, self.padding = checked_crop(scale, padding)
+        self.magnitude = checked_magnitude(magnitude)
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         self.compiled = compiled_augment_on_device() if compile and self.policy != "none" else None
         self._compiled_ran = False  # after one batch ran compiled, its errors are real errors, not the compiler's
@@ -338,7 +355,7 @@ class DeviceAugment:
             return send(crops.unsqueeze(0), device), None  # (1, count, 3, 3)
         ops = torch.randint(len(RANDAUGMENT_OPS), (2, count), generator=generator)
         signs = torch.where(torch.rand(2, count, generator=generator) < 0.5, -1.0, 1.0)
-        matrices = torch.stack([crops, *(geometric_op_matrices(ops[i], signs[i]) for i in range(2))])
+        matrices = torch.stack([crops, *(geometric_op_matrices(ops[i], signs[i], self.magnitude) for i in range(2))])
         return send(matrices, device), send(torch.stack([ops.float(), signs]), device)  # (3, count, 3, 3), (2, 2, N)
 
     def apply(self, images: torch.Tensor, draws: tuple | None) -> torch.Tensor:
@@ -352,7 +369,7 @@ class DeviceAugment:
         shifted = self.padding is not None
         if self.compiled is not None:
             try:
-                out = self.compiled(images, matrices, ops_and_signs, self.mean, self.std, shifted)
+                out = self.compiled(images, matrices, ops_and_signs, self.mean, self.std, shifted, self.magnitude)
             except Exception as error:
                 if self._compiled_ran or isinstance(error, torch.OutOfMemoryError):
                     raise  # not the compiler's doing: the plain version would fail the same way
@@ -362,7 +379,7 @@ class DeviceAugment:
             else:
                 self._compiled_ran = True
                 return out
-        return augment_on_device(images, matrices, ops_and_signs, self.mean, self.std, shifted)
+        return augment_on_device(images, matrices, ops_and_signs, self.mean, self.std, shifted, self.magnitude)
 
 
 def draws_slice(draws: tuple | None, start: int, stop: int) -> tuple | None:
@@ -374,11 +391,13 @@ def draws_slice(draws: tuple | None, start: int, stop: int) -> tuple | None:
 
 
 def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_and_signs: torch.Tensor | None,
-                      mean: torch.Tensor, std: torch.Tensor, shifted: bool = False) -> torch.Tensor:
+                      mean: torch.Tensor, std: torch.Tensor, shifted: bool = False,
+                      magnitude: int = RANDAUGMENT_MAGNITUDE) -> torch.Tensor:
     """`DeviceAugment`'s arithmetic on the device: uint8 `images` (B, 3, S, S) -> float32, resampled through
     `matrices` ((1 or 3, B, 3, 3): the crops, then the two geometric ops; None: no resampling; `shifted`: the
     crops are whole-pixel shifts, applied exactly by `shift_and_flip` before the ops resample), recoloured by
-    `ops_and_signs` ((2, 2, B): the strong policy's two ops and their signs, as floats; None: none), normalised."""
+    `ops_and_signs` ((2, 2, B): the strong policy's two ops and their signs, as floats; None: none) at `magnitude`
+    (the geometric ops' is in their matrices already), normalised."""
     x = images.float().div_(255)
     if matrices is not None:
         if shifted:
@@ -389,7 +408,7 @@ def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_a
             x = warp(x, matrices[0], tuple(matrices[1:]))
     if ops_and_signs is not None:
         ops, signs = ops_and_signs[0].long(), ops_and_signs[1]
-        x = colour_ops(colour_ops(x, ops[0], signs[0]), ops[1], signs[1])
+        x = colour_ops(colour_ops(x, ops[0], signs[0], magnitude), ops[1], signs[1], magnitude)
     return (x - mean) / std
 
 
@@ -531,6 +550,7 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
                         crop_padding: int | None = None, mean=NORMALIZE_MEAN, std=NORMALIZE_STD,
                         keep_on_device: bool | None = None, num_replicas: int | None = None,
                         rank: int | None = None, compile_augment: bool = False,
+                        augment_magnitude: int = RANDAUGMENT_MAGNITUDE,
                         ) -> tuple[CachedImageLoader, CachedImageLoader, list[str]]:
     """(train loader, test loader, class names) that decode every image once and augment on `device`.
 
@@ -539,7 +559,7 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     vit_cache_<split>_<size>.pt and reused while the files are unchanged.
     The split of a folder without train/ and test/ is `stratified_split`'s, as in `make_dataloaders`.
     `crop_scale`: the training crops' share of the area (default RANDOM_CROP_SCALE), or `crop_padding`: shifted
-    crops instead, as in `make_dataloaders`.
+    crops instead, as in `make_dataloaders`; `augment_magnitude`: the strong policy's RandAugment magnitude (0-30).
     `compile_augment`: the training augmentation through `torch.compile` (`DeviceAugment(compile=True)`). Under
     torch.distributed each process gets its shard (num_replicas and rank override that, e.g. for tests); rank 0
     builds the cache while the others wait.
@@ -574,7 +594,7 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     shared = dict(seed=seed, num_replicas=num_replicas, rank=rank)
     train = CachedImageLoader(images, targets, train_rows, classes, batch_size, device, train=True,
                               augment=DeviceAugment(augment, mean, std, crop_scale, compile=compile_augment,
-                                                    padding=crop_padding), **shared)
+                                                    padding=crop_padding, magnitude=augment_magnitude), **shared)
     if len(train) == 0:
         raise ValueError(f"the training set has {len(train.sampler)} images per process, fewer than batch_size "
                          f"{batch_size}: lower batch_size.")

@@ -396,9 +396,9 @@ class ViT(nn.Module):
 
         "timm", as timm's VisionTransformer (and DeiT): every linear layer, the head included, normal with std 0.02
         (truncated at +-2, which never bites) and bias zero; position embeddings the same; class token normal with
-        std 1e-6; patch embedding and LayerNorm PyTorch's defaults. At ViT-Ti and ViT-S widths these weights are 2-4 times smaller than
-        Xavier's, so each block starts closer to passing its input through; trained from scratch on a small data set
-        the model learns faster from them (BENCHMARKS.md, "Which initialisation").
+        std 1e-6; patch embedding and LayerNorm PyTorch's defaults. At ViT-Ti and ViT-S widths these weights are
+        2-4 times smaller than Xavier's, so each block starts closer to passing its input through; trained from
+        scratch on a small data set the model learns faster from them (BENCHMARKS.md, "Which initialisation").
         """
         if self.config.init == "timm":
             self._reset_parameters_as_timm()
