@@ -132,6 +132,7 @@ def one_error_line(capsys) -> str:
     (["--compile-augment", "--no-cached"], "--compile-augment compiles the cached loaders' augmentation, and this "
                                             "run does not use them: add --cached (a new run) or --no-compile-augment"),
     (["--augment", "strong", "--augment-magnitude", "31"], "augment_magnitude must be a whole number from 0 to 30"),
+    (["--drop-path", "1"], "argument --drop-path: expected a number from 0 up to, not including, 1, got '1'"),
     (["--augment", "basic", "--augment-magnitude", "27"], "--augment-magnitude sets RandAugment's strength, and this "
                                                           "run does not use RandAugment: add --augment strong"),
 ])
@@ -232,6 +233,26 @@ def test_augment_magnitude_reaches_the_loader_and_cannot_change_on_resume(tiny_f
     assert main(["train", "--out", str(out), "--resume", "--augment-magnitude", "9"]) == 2
     assert "--augment-magnitude cannot change" in capsys.readouterr().err
     assert main(["train", "--out", str(out), "--resume"]) == 0 and seen == [27, 27]
+
+
+def test_drop_path_reaches_the_model_overrides_a_recipe_and_cannot_change_on_resume(tiny_folder, tmp_path,
+                                                                                     monkeypatch, capsys):
+    import dataclasses
+
+    from vit_helpers import recipes
+
+    monkeypatch.setitem(recipes.RECIPES, "demo", dataclasses.replace(
+        recipes.RECIPES["demo"], model_overrides={**recipes.RECIPES["demo"].model_overrides, "drop_path": 0.2}))
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--stop-after-epoch", "1")) == 0  # the recipe's
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert checkpoint["config"]["drop_path"] == 0.2
+    assert main(train_args(tiny_folder, tmp_path / "off", "--drop-path", "0", "--epochs", "1")) == 0  # 0 turns it off
+    assert torch.load(tmp_path / "off" / "checkpoint.pt", weights_only=False)["config"]["drop_path"] == 0
+    assert main(["train", "--out", str(out), "--resume", "--drop-path", "0.1"]) == 2
+    assert "--drop-path cannot change" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["drop_path"] == 0.2
 
 
 def test_crop_scale_reaches_the_loader_and_resumes_with_the_same_flag(tiny_folder, tmp_path, monkeypatch):

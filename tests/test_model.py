@@ -331,6 +331,38 @@ def test_logits_features_and_every_attention_map_equal_timms():
         torch.testing.assert_close(mine, timms, rtol=1e-5, atol=1e-6, msg=f"layer {layer}")
 
 
+def test_stochastic_depth_trains_as_timms_drop_path_rate():
+    """drop_path (stochastic depth): per-layer rates rising from 0 to drop_path, as timm's drop_path_rate sets them,
+    and in training the very same branches dropped and rescaled: from the same weights and the same random seed,
+    the same logits as timm's VisionTransformer. In eval mode nothing is dropped."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    theirs = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3,
+                                        mlp_ratio=2.0, num_classes=7, drop_path_rate=0.6)
+    ours = ViT(tiny_config(num_layers=4, drop_path=0.6))
+    ours.load_state_dict(randomise_(theirs, seed=5).state_dict(), strict=True)  # the same parameters: none added
+    timm_rates = [getattr(block.drop_path1, "drop_prob", 0.0) for block in theirs.blocks]
+    assert [block.drop_path.p for block in ours.blocks] == pytest.approx(timm_rates) == [0, 0.2, 0.4, 0.6]
+    images = torch.randn(16, 3, 32, 32)
+    theirs.train(), ours.train()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        expected = theirs(images)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(ours(images), expected, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    with torch.no_grad():
+        kept = ours.eval()(images)
+        plain = ViT(tiny_config(num_layers=4)).eval()
+        plain.load_state_dict(ours.state_dict())
+        torch.testing.assert_close(kept, plain(images))  # eval: every branch runs, unscaled
+        torch.manual_seed(0)
+        trained = ours.train()(images)
+    differs = (trained - kept).abs().amax(dim=1) > 1e-4  # per image: some dropped a branch in training
+    assert 0 < differs.sum() <= len(images)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="drop_path is a probability"):
+            tiny_config(drop_path=bad)
+
+
 def test_initialisation_follows_the_official_code():
     torch.manual_seed(0)
     config = ViTConfig.named("ViT-S/16", num_classes=10)

@@ -78,6 +78,7 @@ non_negative_int = _number(int, lambda value: value >= 0, "a whole number, 0 or 
 positive_float = _number(float, lambda value: math.isfinite(value) and value > 0, "a positive number")
 non_negative_float = _number(float, lambda value: math.isfinite(value) and value >= 0, "a number, 0 or more")
 fraction = _number(float, lambda value: 0 <= value <= 1, "a number from 0 to 1")
+probability = _number(float, lambda value: 0 <= value < 1, "a number from 0 up to, not including, 1")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -108,6 +109,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-size", type=positive_int, help="overrides the patch size of --model")
     parser.add_argument("--init", choices=INITS, help="how the weights start: official (the paper's JAX code, the "
                                                       "default) or timm (std 0.02, as timm and DeiT)")
+    parser.add_argument("--drop-path", type=probability, metavar="P",
+                        help="stochastic depth (DeiT's, not the paper's): in training each layer's branches are "
+                             "skipped per image, the last layer's with probability P, earlier ones' less (default 0)")
     parser.add_argument("--epochs", type=positive_int, help="the length of the schedule; with --resume, "
                                                             "a longer one continues a finished run")
     parser.add_argument("--batch-size", type=positive_int, help="per process")
@@ -179,8 +183,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 #: The settings only the command line sets (a recipe has no say in them), with their defaults.
-COMMAND_LINE_DEFAULTS = {"patch_size": None, "init": None, "num_workers": None, "device": "auto", "seed": 42,
-                         "compile": None}
+COMMAND_LINE_DEFAULTS = {"patch_size": None, "init": None, "drop_path": None, "num_workers": None,
+                         "device": "auto", "seed": 42, "compile": None}
 #: Recipe fields that describe the recipe itself, not the run.
 RECIPE_ONLY_FIELDS = ("name", "description", "on_gpu")
 
@@ -223,8 +227,8 @@ def given_flags(args) -> dict:
 
 def model_config(settings: dict, num_classes: int) -> ViTConfig:
     overrides = dict(settings["model_overrides"], image_size=settings["image_size"], num_classes=num_classes)
-    for name in ("patch_size", "init"):  # flags that change the model the recipe or --model gives
-        if settings[name]:
+    for name in ("patch_size", "init", "drop_path"):  # flags that change the model the recipe or --model gives
+        if settings.get(name) is not None:
             overrides[name] = settings[name]
     return ViTConfig.named(settings["model"], **overrides)
 

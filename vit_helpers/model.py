@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 # --------------------------------------------------------------------------------------------------------------
 # Configuration: Table 1 of the paper, plus the smaller "Ti" and "S" sizes from DeiT (Touvron et al., 2021).
@@ -73,6 +74,10 @@ class ViTConfig:
     mlp_dim: int = 3072  # width of the MLP's hidden layer
     dropout: float = 0.0  # Appendix B.1, Table 3: 0.1 for ImageNet and ImageNet-21k, 0.0 for JFT-300M
     attention_dropout: float = 0.0
+    # Stochastic depth (Huang et al. 2016; not in the paper, from DeiT, which trains ViTs on ImageNet alone): in
+    # training, each layer's two residual branches are skipped for a whole image at a time, the last layer's with
+    # probability drop_path, earlier layers' proportionally less (the first never). 0: off, the paper's model.
+    drop_path: float = 0.0
     init: str = "official"  # how ViT.reset_parameters starts the weights: one of INITS
 
     def __post_init__(self) -> None:
@@ -89,6 +94,10 @@ class ViTConfig:
             )
         if self.embed_dim % self.num_heads != 0:
             raise ValueError(_heads_message(self.embed_dim, self.num_heads))
+        for name in ("dropout", "attention_dropout", "drop_path"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} is a probability of dropping, from 0 (off) up to but not including 1; got "
+                                 f"{getattr(self, name)}.")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(map(repr, INITS))} (see ViT.reset_parameters), got "
                              f"{self.init!r}.")
@@ -322,16 +331,21 @@ class TransformerEncoderBlock(nn.Module):
         z_l  = MLP(LN(z'_l)) + z'_l
 
     "Layernorm (LN) is applied before every block, and residual connections after every block."
+
+    With `drop_path` p > 0 (stochastic depth, not the paper's), training drops each branch, MSA(...) and MLP(...),
+    for a whole image with probability p and scales it by 1 / (1 - p) where it is kept, so that its expected
+    value is unchanged: each image trains a random shallower network. In eval mode both branches always run.
     """
 
     def __init__(self, embed_dim: int = 768, num_heads: int = 12, mlp_dim: int = 3072, dropout: float = 0.0,
-                 attention_dropout: float = 0.0):
+                 attention_dropout: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         # eps 1e-6 as in the official code (Flax's default); PyTorch's default 1e-5 would change the outputs.
         self.norm1 = nn.LayerNorm(embed_dim, eps=1e-6)
         self.attn = MultiheadSelfAttention(embed_dim, num_heads, attention_dropout, dropout)
         self.norm2 = nn.LayerNorm(embed_dim, eps=1e-6)
         self.mlp = MLPBlock(embed_dim, mlp_dim, dropout)
+        self.drop_path = StochasticDepth(drop_path, mode="row")  # "row": per image; the identity when p is 0
 
     def forward(self, x: torch.Tensor, return_attention: bool = False, class_token_only: bool = False):
         """`class_token_only=True` returns z_l^0 alone, (batch, 1, embed_dim): what the last layer must compute."""
@@ -339,14 +353,20 @@ class TransformerEncoderBlock(nn.Module):
         attended, weights = attended if return_attention else (attended, None)
         if class_token_only:
             x = x[:, :1]  # the other tokens' rows are never read again
-        x = x + attended  # Eq. 2
-        x = x + self.mlp(self.norm2(x))  # Eq. 3
+        x = x + self.drop_path(attended)  # Eq. 2
+        x = x + self.drop_path(self.mlp(self.norm2(x)))  # Eq. 3
         return (x, weights) if return_attention else x
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Eqs. 1-4: the whole model
 # --------------------------------------------------------------------------------------------------------------
+
+def drop_path_rates(drop_path: float, num_layers: int) -> list[float]:
+    """Each layer's stochastic-depth probability: rising linearly from 0 at the first layer to `drop_path` at the
+    last, as DeiT and timm set them (the deeper the layer, the more often it is skipped)."""
+    return [drop_path * layer / max(1, num_layers - 1) for layer in range(num_layers)]
+
 
 class ViT(nn.Module):
     """The Vision Transformer, Eqs. 1-4.
@@ -371,8 +391,8 @@ class ViT(nn.Module):
         self.pos_drop = nn.Dropout(config.dropout)  # Appendix B.1: dropout "directly after adding positional-"
         self.blocks = nn.ModuleList(
             TransformerEncoderBlock(config.embed_dim, config.num_heads, config.mlp_dim, config.dropout,
-                                    config.attention_dropout)
-            for _ in range(config.num_layers)
+                                    config.attention_dropout, drop_path)
+            for drop_path in drop_path_rates(config.drop_path, config.num_layers)
         )
         self.norm = nn.LayerNorm(config.embed_dim, eps=1e-6)  # the LN of Eq. 4
         self.head = nn.Linear(config.embed_dim, config.num_classes)
