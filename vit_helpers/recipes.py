@@ -120,7 +120,9 @@ RECIPES: dict[str, Recipe] = {
         weight_decay=0.05,
         warmup_epochs=5.0,
         label_smoothing=0.1,
-        augment="strong",  # random resized crop + flip + RandAugment: a ViT overfits 50,000 images without it
+        # random resized crop + flip + RandAugment: a ViT overfits 50,000 images without it. At the default
+        # augment_magnitude, 9 of 30: a third of DeiT's strength (27 here), and it still overfits (BENCHMARKS.md).
+        augment="strong",
         # Crops of 80-100% of the area, near the published 32 px recipes (CCT's scale (0.8, 1); others pad by 4 px
         # and crop 32: shifts, no zoom, crop_padding=4): on a 32 px image a 35% crop is 19 px blown up to 32, too
         # little to learn.
