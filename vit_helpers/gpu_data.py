@@ -225,6 +225,7 @@ def colour_ops(images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor,
     """
     strength = op_strength(magnitude)
     dropped_bits = round(4 * strength)  # torchvision's 8 - (bin / 7.5).round(); never a tie for a whole bin
+
     def chosen(name: str) -> torch.Tensor:
         return (ops == _OP[name]).view(-1, 1, 1, 1)
 
