@@ -30,11 +30,13 @@ Checks (`--checks`, comma-separated, or all; matmul,models,data by default):
           epochs that fit and finishes it, rather than spend the device time on a run cut short. Those epochs are
           in the warm-up, so this is the same run as `--cifar-set epochs=N` from the start. Epoch 1 (compiling)
           is a fit of its own; the pace is timed on the epochs resumed after it, as the rest of the run trains.
-  sweep   short runs of several variants of the cifar10 recipe side by side on one device, one process each, to
-          choose what the long run tries: `--sweep NAME FIELD=VALUE ...` per variant (default: DEFAULT_SWEEP,
-          which includes a ResNet-18 on the same data as a measure of what the JPEGs allow), --sweep-epochs each
-          (40), within --sweep-minutes (6). The table gives each one's final test and training accuracy; the logs
-          (sweep_NAME.log, .json) go beside --json, or into --work-dir/sweep.
+  sweep   several variants of the cifar10 recipe side by side on one device, one process each, to choose what
+          the long run tries: `--sweep NAME FIELD=VALUE ...` per variant (default: DEFAULT_SWEEP, which includes a
+          ResNet-18 on the same data as a measure of what the JPEGs allow), --sweep-epochs each (40), within
+          --sweep-minutes (6). Each plans its schedule as the cifar check does, a probe and then the epochs that
+          end by the deadline at the pace it has beside the others, so with --sweep-epochs 1000 every variant is a
+          long run of its own that ends its schedule. The table gives each one's final test and training accuracy;
+          the logs (sweep_NAME.log, .json) go beside --json, or into --work-dir/sweep.
 
 The JPEGs come from the CIFAR-10 archive (`--cifar-archive`, default ../shared/data/cifar10-jpeg.tar.gz, or
 .bench_data/cifar10-jpeg.tar.gz where that is missing, as on the device machine) unpacked into the git-ignored folder
@@ -130,7 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="append", nargs="+", default=[], metavar=("NAME", "FIELD=VALUE"),
                         help="a variant for the sweep check: a name, then its changes to the cifar10 recipe (after "
                              "--cifar-set's), or reference=resnet18 (repeatable; default: DEFAULT_SWEEP)")
-    parser.add_argument("--sweep-epochs", type=int, default=40, help="each sweep variant's schedule (default 40)")
+    parser.add_argument("--sweep-epochs", type=int, default=40,
+                        help="each sweep variant's schedule (default 40), shortened to what ends by the deadline")
     parser.add_argument("--sweep-minutes", type=float, default=6.0,
                         help="the sweep check's time budget: a variant still training then stops (default 6)")
     parser.add_argument("--sweep-child", type=int, help=argparse.SUPPRESS)  # one variant, in a process of its own
@@ -645,61 +648,75 @@ def same_run_in_every_mode(runs: list[dict]) -> list[tuple]:
     return rows
 
 
+def fit_within_budget(model, train_loader, test_loader, config, checkpoint: Path, budget: float, started: float,
+                      progress: bool) -> dict:
+    """Train `config`'s schedule, shortened where it cannot end within `budget` seconds of `started`
+    (time.perf_counter()): a probe first, then the epochs that fit. The cifar check and each sweep variant train
+    this way, so that a run ends its schedule, learning rate decayed, instead of being cut off in the middle of it.
+
+    Returns {"history", "planned", "epochs" (scheduled), "pace" (s/epoch), "exact"}. Shortening gives the run that
+    the shorter schedule gives from the start only while the probe is still in the warm-up and the warm-up ends before
+    the shorter schedule does (the rates then do not depend on the length); where it would not, "exact" is False and
+    training stops after the probe, its history that far.
+
+    The probe: epoch 1 includes compilation, the next ones show the pace. Up to 4 epochs, all in the warm-up: on the
+    H200 epoch 2 alone ran 15% slower than the run's median epoch, and a schedule fitted to it left 1 of the 8.5
+    minutes unused. Epoch 1 is a fit of its own and the pace is timed in a resumed fit, as the rest of the run
+    trains: on the H200 with CUDA graphs (2026-11-27), epochs 2-4 in the first fit ran at the default mode's pace
+    (1.9 s, their losses equal to the default mode's to the last digit), every epoch after the resume at the graphs'
+    (0.9 s), so a pace timed in the first fit planned 263 epochs where about 500 fitted. One checkpoint, after the
+    probe: this measures the recipe, not the disk."""
+    epochs = planned = config.epochs
+    probe = min(max(2, min(4, int(config.warmup_epochs))), epochs)
+    if config.compile_mode in training.CUDA_GRAPH_MODES:
+        torch._logging.set_logs(perf_hints=True)  # the log says why, wherever CUDA graphs are skipped
+    history = training.fit(model, train_loader, test_loader, config=config, progress=progress,
+                           checkpoint_path=checkpoint, stop_after_epoch=1)
+    if probe > 1:  # the same model object: the compiled graphs are reused, not rebuilt
+        history = training.fit(model, train_loader, test_loader, config=config, progress=progress,
+                               checkpoint_path=checkpoint, resume=True, stop_after_epoch=probe)
+    elapsed = time.perf_counter() - started
+    pace = statistics.median(record["seconds"] for record in history[1:] or history)
+    fitting = epochs_that_fit(epochs, len(history), elapsed, pace, budget)
+    result = {"planned": planned, "epochs": epochs, "pace": pace, "exact": True, "fitting": fitting}
+    if fitting < epochs and not len(history) <= config.warmup_epochs < fitting:
+        checkpoint.unlink(missing_ok=True)
+        return result | {"history": history, "exact": False, "projected": elapsed + (epochs - len(history)) * pace}
+    if fitting < epochs:
+        print(f"{epochs} epochs at {pace:.2f} s each (the median of epochs 2-{len(history)}) would end after "
+              f"{(elapsed + (epochs - len(history)) * pace) / 60:.1f} min: shortening the schedule to {fitting} "
+              f"epochs, the most that fit {budget / 60:g} min", flush=True)
+        epochs, config = fitting, replace(config, epochs=fitting)
+    if len(history) < epochs:  # the same model object: the compiled graphs are reused, not rebuilt
+        history = training.fit(model, train_loader, test_loader, config=config, progress=progress,
+                               checkpoint_path=checkpoint, resume=True, time_limit_s=budget - elapsed)
+    checkpoint.unlink(missing_ok=True)
+    return result | {"history": history, "epochs": epochs}
+
+
 def check_cifar(args, device, results) -> list[tuple]:
     recipe, folder = cifar_recipe_and_folder(args, device)
     batch_size = 16 if args.smoke else recipe.batch_size
     compile_augment = recipe.compile_augment  # the recipe's on a GPU, or --cifar-set compile_augment=...
-    epochs = args.cifar_epochs or recipe.epochs
     started = time.perf_counter()
     train_loader, test_loader, classes = recipe_loaders(recipe, folder, batch_size, device, compile_augment)
     torch.manual_seed(0)
     model = ViT(recipe.model_config(num_classes=len(classes)))
-    # One checkpoint, after the probe below: this measures the recipe, not the disk.
-    config = recipe_train_config(recipe, args, device, epochs=epochs, batch_size=batch_size)
+    config = recipe_train_config(recipe, args, device, epochs=args.cifar_epochs or recipe.epochs,
+                                 batch_size=batch_size)
     budget = args.cifar_minutes * 60
-    checkpoint = args.work_dir / "cifar_check_checkpoint.pt"
-    # A probe first: epoch 1 includes compilation, the next ones show the pace. If the whole schedule cannot fit in
-    # the budget at that pace, shorten it to the epochs that do, rather than spend the device time on a run cut
-    # short. Up to 4 epochs, all in the warm-up (so that shortening stays exact): on the H200 epoch 2 alone ran 15%
-    # slower than the run's median epoch, and a schedule fitted to it left 1 of the 8.5 minutes unused. Epoch 1 is
-    # a fit of its own and the pace is timed in a resumed fit, as the rest of the run trains: on the H200 with CUDA
-    # graphs (2026-11-27), epochs 2-4 in the first fit ran at the default mode's pace (1.9 s, their losses equal to
-    # the default mode's to the last digit), every epoch after the resume at the graphs' (0.9 s), so a pace timed
-    # in the first fit planned 263 epochs where about 500 fitted.
-    probe = min(max(2, min(4, int(recipe.warmup_epochs))), epochs)
-    if config.compile_mode in training.CUDA_GRAPH_MODES:
-        torch._logging.set_logs(perf_hints=True)  # the log says why, wherever CUDA graphs are skipped
-    history = training.fit(model, train_loader, test_loader, config=config, progress=not args.smoke,
-                           checkpoint_path=checkpoint, stop_after_epoch=1)
-    if probe > 1:  # the same model object: the compiled graphs are reused, not rebuilt
-        history = training.fit(model, train_loader, test_loader, config=config, progress=not args.smoke,
-                               checkpoint_path=checkpoint, resume=True, stop_after_epoch=probe)
-    elapsed = time.perf_counter() - started
-    pace = statistics.median(record["seconds"] for record in history[1:] or history)
-    planned, fitting = epochs, epochs_that_fit(epochs, len(history), elapsed, pace, budget)
-    # Shortening gives the run that the shorter schedule gives from the start only while the probe is still in
-    # the warm-up and the warm-up ends before the shorter schedule does: its rates then do not depend on the length.
-    if fitting < epochs and not len(history) <= recipe.warmup_epochs < fitting:
-        checkpoint.unlink(missing_ok=True)
-        projected = elapsed + (epochs - len(history)) * pace
-        results["cifar"] = {"recipe": asdict(recipe), "epochs_planned": epochs, "epochs_done": len(history),
-                            "seconds_per_epoch": pace, "projected_seconds": projected, "epochs_that_fit": fitting,
-                            "history": history}
-        return [("cifar", f"recipe cifar10, {epochs} epochs, projected from {len(history)}",
-                 f"{projected / 60:.1f} min", f"<= {args.cifar_minutes:g} min", "FAIL"),
-                ("cifar", "stopped early: epochs that fit the budget", f"{fitting} (--cifar-set epochs={fitting})",
-                 "", ""),
+    run = fit_within_budget(model, train_loader, test_loader, config, args.work_dir / "cifar_check_checkpoint.pt",
+                            budget, started, progress=not args.smoke)
+    history, planned, epochs, pace = run["history"], run["planned"], run["epochs"], run["pace"]
+    if not run["exact"]:
+        results["cifar"] = {"recipe": asdict(recipe), "epochs_planned": planned, "epochs_done": len(history),
+                            "seconds_per_epoch": pace, "projected_seconds": run["projected"],
+                            "epochs_that_fit": run["fitting"], "history": history}
+        return [("cifar", f"recipe cifar10, {planned} epochs, projected from {len(history)}",
+                 f"{run['projected'] / 60:.1f} min", f"<= {args.cifar_minutes:g} min", "FAIL"),
+                ("cifar", "stopped early: epochs that fit the budget",
+                 f"{run['fitting']} (--cifar-set epochs={run['fitting']})", "", ""),
                 ("cifar", f"seconds per epoch (median of epochs 2-{len(history)})", f"{pace:.2f} s", "", "")]
-    if fitting < epochs:
-        print(f"{epochs} epochs at {pace:.2f} s each (the median of epochs 2-{len(history)}) would end after "
-              f"{(elapsed + (epochs - len(history)) * pace) / 60:.1f} min: shortening the schedule to {fitting} "
-              f"epochs, the most that fit {args.cifar_minutes:g} min",
-              flush=True)
-        epochs, config = fitting, replace(config, epochs=fitting)
-    if len(history) < epochs:  # the same model object: the compiled graphs are reused, not rebuilt
-        history = training.fit(model, train_loader, test_loader, config=config, progress=not args.smoke,
-                               checkpoint_path=checkpoint, resume=True, time_limit_s=budget - elapsed)
-    checkpoint.unlink(missing_ok=True)
     wall = time.perf_counter() - started
     accuracy = history[-1]["test_accuracy"]
     finished = len(history) == epochs
@@ -784,10 +801,10 @@ def sweep_log_dir(args) -> Path:
 
 def check_sweep(args, device, results) -> list[tuple]:
     """Every variant of --sweep trained side by side on one device, each in a process of its own, for
-    --sweep-epochs epochs of the recipe's schedule: the final test accuracies, to choose what the long cifar run
-    tries. A small model's step is bound by launching kernels, so processes that share a GPU get more done: on the
-    H200, three at once trained at 14,200-19,800 img/s each (medians), about 49,000 together, where one alone
-    ran 26,500 (the default compile mode)."""
+    --sweep-epochs epochs of the recipe's schedule, or as many as end by the deadline (`run_sweep_child`): the
+    final test accuracies, to choose what the long cifar run tries. A small model's step is bound by launching
+    kernels, so processes that share a GPU get more done: on the H200, three at once trained at 14,200-19,800
+    img/s each (medians), about 49,000 together, where one alone ran 26,500 (the default compile mode)."""
     started = time.perf_counter()
     deadline = time.time() + args.sweep_minutes * 60
     variants = sweep_variants(args.sweep, args.cifar_set, device.type)
@@ -825,16 +842,13 @@ def check_sweep(args, device, results) -> list[tuple]:
                          "FAIL"))
             continue
         saved = json.loads(path.read_text())
-        history = saved["history"]
-        last = history[-1]
-        pace = statistics.median([r["seconds"] for r in history[1:]] or [last["seconds"]])
-        budget_hit = "" if len(history) == args.sweep_epochs else " (budget hit)"
-        rows.append(("sweep", label, f"test acc {last['test_accuracy']:.4f}, train acc {last['train_accuracy']:.3f}, "
-                                     f"{len(history)}/{args.sweep_epochs} epochs{budget_hit}, {pace:.1f} s/epoch",
-                     "", ""))
+        history, pace = saved["history"], statistics.median([r["seconds"] for r in saved["history"][1:]]
+                                                            or [saved["history"][-1]["seconds"]])
+        rows.append(("sweep", label, sweep_result(saved, args.sweep_epochs, pace), "", ""))
         found.append({"name": variant["name"], "changes": variant["changes"], "model": saved["model"],
                       "parameters": saved["parameters"], "epochs_done": len(history),
-                      "test_accuracy": last["test_accuracy"], "seconds_per_epoch": pace, "history": history})
+                      "epochs_scheduled": saved["epochs_scheduled"], "test_accuracy": history[-1]["test_accuracy"],
+                      "seconds_per_epoch": pace, "history": history})
     results["sweep"] = {"epochs": args.sweep_epochs, "cifar_set": args.cifar_set, "variants": found,
                         "wall_seconds": time.perf_counter() - started}
     if found:
@@ -843,8 +857,24 @@ def check_sweep(args, device, results) -> list[tuple]:
     return rows
 
 
+def sweep_result(saved: dict, sweep_epochs: int, pace: float) -> str:
+    """A variant's row in the table, from what its process saved: where it ended, and how its schedule fitted."""
+    history, scheduled = saved["history"], saved["epochs_scheduled"]
+    last = history[-1]
+    if scheduled is None:  # only epochs inside the warm-up fitted: no shorter schedule from the start is the same
+        ended = f"{len(history)}/{sweep_epochs} epochs (stopped after the probe: {saved['epochs_that_fit']} fit)"
+    else:
+        ended = f"{len(history)}/{scheduled} epochs" + ("" if len(history) == scheduled else " (budget hit)") + (
+            f" (of {sweep_epochs}: shortened to fit)" if scheduled < sweep_epochs else "")
+    return f"test acc {last['test_accuracy']:.4f}, train acc {last['train_accuracy']:.3f}, {ended}, {pace:.1f} s/epoch"
+
+
 def run_sweep_child(args, device) -> int:
-    """One variant of the sweep (`--sweep-child INDEX`): trained and saved as sweep_NAME.json beside its log."""
+    """One variant of the sweep (`--sweep-child INDEX`): trained and saved as sweep_NAME.json beside its log. Its
+    schedule is shortened to the epochs that end by the sweep's deadline, at the pace its probe measures beside the
+    other variants (`fit_within_budget`), so that each ends its schedule rather than stop in the middle of it."""
+    started = time.perf_counter()
+    budget = max(1.0, args.sweep_deadline - time.time())
     variant = sweep_variants(args.sweep, args.cifar_set, device.type)[args.sweep_child]
     recipe = variant["recipe"]
     folder = cifar_recipe_and_folder(args, device)[1]  # unpacked by the parent already
@@ -856,14 +886,15 @@ def run_sweep_child(args, device) -> int:
     config = recipe_train_config(recipe, args, device, epochs=args.sweep_epochs, batch_size=batch_size)
     print(f"sweep variant {variant['name']}: {' '.join(variant['changes']) or 'the recipe as it is'}; "
           f"{asdict(recipe)}", flush=True)
-    history = training.fit(model, train_loader, test_loader, config=config, progress=True,
-                           time_limit_s=max(1.0, args.sweep_deadline - time.time()))
-    path = sweep_log_dir(args) / f"sweep_{variant['name']}.json"
-    with atomic_write(path) as file:
+    logs = sweep_log_dir(args)
+    run = fit_within_budget(model, train_loader, test_loader, config, logs / f"sweep_{variant['name']}_checkpoint.pt",
+                            budget, started, progress=True)
+    with atomic_write(logs / f"sweep_{variant['name']}.json") as file:
         file.write(json.dumps({"name": variant["name"], "changes": variant["changes"], "recipe": asdict(recipe),
                                "model": variant["reference"] or recipe.model,
                                "parameters": sum(parameter.numel() for parameter in model.parameters()),
-                               "history": history}, indent=1).encode())
+                               "epochs_scheduled": run["epochs"] if run["exact"] else None,
+                               "epochs_that_fit": run["fitting"], "history": run["history"]}, indent=1).encode())
     return 0
 
 

@@ -351,6 +351,31 @@ def test_sweep_trains_every_variant_side_by_side_and_tables_them(gpu_checks, arc
     assert (tmp_path / "out" / "sweep_cnn.log").read_text().count("epoch 2/2") >= 1
 
 
+def test_a_sweep_variant_shortens_its_schedule_to_end_by_the_deadline(gpu_checks, archive, tmp_path, monkeypatch):
+    """Each variant's process plans its schedule as the cifar check does (`fit_within_budget`): a probe, then the
+    epochs that end by the sweep's deadline, so it ends its schedule, learning rate decayed, instead of being cut
+    off in the middle. Run here in-process, as the sweep starts it (--sweep-child)."""
+    import time
+
+    monkeypatch.setattr(gpu_checks, "epochs_that_fit", lambda planned, *_: 4)  # as if only 4 of 50 fitted
+    out = tmp_path / "out"
+    assert gpu_checks.main(["--device", "cpu", "--checks", "sweep", "--cifar-archive", str(archive),  # not --smoke,
+                            "--work-dir", str(tmp_path / "work"), "--json", str(out / "results.json"),  # which would
+                            "--sweep-epochs", "50", "--cifar-set", "warmup_epochs=2",  # cap the schedule at 2 epochs
+                            "--cifar-set", "batch_size=16", "--sweep", "tiny", TINY_CIFAR_MODEL,
+                            "--sweep-child", "0", "--sweep-deadline", str(time.time() + 600)]) == 0
+    saved = json.loads((out / "sweep_tiny.json").read_text())
+    assert (saved["epochs_scheduled"], len(saved["history"])) == (4, 4)
+    assert saved["history"][-1]["lr"] == 0.0  # the shortened cosine ran to its end
+    assert not (out / "sweep_tiny_checkpoint.pt").exists()
+    row = gpu_checks.sweep_result(saved, 50, 1.0)
+    assert "4/4 epochs (of 50: shortened to fit)" in row and "budget hit" not in row
+    stopped = dict(saved, epochs_scheduled=None, epochs_that_fit=3, history=saved["history"][:2])
+    assert "2/50 epochs (stopped after the probe: 3 fit)" in gpu_checks.sweep_result(stopped, 50, 1.0)
+    cut = dict(saved, history=saved["history"][:3])
+    assert "3/4 epochs (budget hit) (of 50: shortened to fit)" in gpu_checks.sweep_result(cut, 50, 1.0)
+
+
 def test_sweep_variants_are_checked_when_the_arguments_are_parsed(gpu_checks, capsys):
     args = gpu_checks.parse_args(["--checks", "sweep", "--cifar-set", "compile_mode=none"])
     assert args.sweep == list(gpu_checks.DEFAULT_SWEEP)
