@@ -887,8 +887,10 @@ def run_sweep_child(args, device) -> int:
     print(f"sweep variant {variant['name']}: {' '.join(variant['changes']) or 'the recipe as it is'}; "
           f"{asdict(recipe)}", flush=True)
     logs = sweep_log_dir(args)
-    run = fit_within_budget(model, train_loader, test_loader, config, logs / f"sweep_{variant['name']}_checkpoint.pt",
-                            budget, started, progress=True)
+    # The probe's checkpoint in the work folder, not beside the logs: those come back from the device, and a run
+    # stopped by a time limit would leave it there.
+    run = fit_within_budget(model, train_loader, test_loader, config,
+                            args.work_dir / f"sweep_{variant['name']}_checkpoint.pt", budget, started, progress=True)
     with atomic_write(logs / f"sweep_{variant['name']}.json") as file:
         file.write(json.dumps({"name": variant["name"], "changes": variant["changes"], "recipe": asdict(recipe),
                                "model": variant["reference"] or recipe.model,
