@@ -108,9 +108,11 @@ RECIPES: dict[str, Recipe] = {
                      "lift it. Check: scripts/gpu_checks.py --checks cifar; variants side by side: --checks sweep"),
         data="cifar10",
         # Close to the published small-ViT CIFAR-10 recipes that pass 90% from scratch (e.g. omihub777/ViT-CIFAR,
-        # 91.0%: dim 384, depth 7, patch 4, Adam 1e-3, warm-up 5, label smoothing, AutoAugment, 200 epochs), with
-        # 64-wide heads for the fused attention kernels and a larger batch for the GPU. Budget: 3.4 GFLOPs per
-        # training image x 50,000 x 200 epochs = 34 PFLOP, about 4 minutes at 150 TFLOP/s (an assumed ~20% MFU).
+        # 90.9%: dim 384, depth 7, patch 4, Adam 1e-3, warm-up 5, label smoothing, AutoAugment, 200 epochs of batch
+        # 128), with 64-wide heads for the fused attention kernels and a larger batch for the GPU. That batch gives a
+        # third of their steps at the same rate: BENCHMARKS.md ("Steps as well as regularisation") suspects it of
+        # the 0.74 as much as the augmentation. Budget: 3.4 GFLOPs per training image x 50,000 x 200 epochs = 34
+        # PFLOP, about 4 minutes at 150 TFLOP/s (an assumed ~20% MFU).
         model="ViT-S/4",
         model_overrides=dict(embed_dim=384, num_layers=7, num_heads=6, mlp_dim=768),
         image_size=32,
