@@ -407,8 +407,8 @@ def loader_milliseconds_per_batch(loader, device) -> float:
 
 def augmentations_agree(plain_loader, compiled_loader) -> float:
     """The share of values on which the two loaders' augmentations agree (within 1e-4) for the same draws on the
-    loaders' first batch of stored images. Rounding differs between kernels; a value at a posterize or solarize
-    threshold may land on the other side: a few values in ten thousand, not whole images."""
+    loaders' first batch of stored images. Rounding differs between kernels; a value at a posterize, solarize or
+    equalize threshold may land on the other side: a few values in ten thousand, not whole images."""
     from vit_helpers.gpu_data import draws_slice
 
     images = plain_loader.images[plain_loader.rows[:plain_loader.batch_size].to(plain_loader.images.device)]

@@ -176,6 +176,7 @@ def test_cached_strong_colour_ops_equal_torchvisions_randaugment_ops(sign, magni
     space = randaugment_space(magnitude)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=generator)
+    pixels[:, :, :6] //= 4  # uneven histograms, for equalize to change something
     images = pixels.float() / 255
     expected = {
         "identity": images,
@@ -186,11 +187,25 @@ def test_cached_strong_colour_ops_equal_torchvisions_randaugment_ops(sign, magni
         "posterize": TF.posterize(pixels, int(space["Posterize"])).float() / 255,
         "solarize": TF.solarize(images, space["Solarize"]),
         "autocontrast": TF.autocontrast(images),
+        "equalize": TF.equalize(pixels).float() / 255,
     }
     for name, reference in expected.items():
         ops = torch.full((4,), gpu_data.RANDAUGMENT_OPS.index(name))
         actual = gpu_data.colour_ops(images, ops, torch.full((4,), sign), magnitude)
         torch.testing.assert_close(actual, reference, rtol=0, atol=1e-5, msg=name)
+        unchanged = name == "identity" or (name == "posterize" and space["Posterize"] == 8)  # all 8 bits kept
+        assert unchanged or not torch.equal(actual, images), f"{name} changed nothing: a weak check"
+
+
+def test_the_device_policy_draws_torchvisions_randaugment_ops():
+    """The same 14 ops as torchvision's RandAugment, in its order, each drawn with its probability: 2 per image."""
+    from torchvision.transforms import v2
+
+    assert [op.replace("_", "") for op in gpu_data.RANDAUGMENT_OPS] == [
+        name.lower() for name in v2.RandAugment._AUGMENTATION_SPACE]
+    _, ops_and_signs = gpu_data.DeviceAugment("strong").draw(14000, torch.Generator().manual_seed(0), 8, "cpu")
+    counts = torch.bincount(ops_and_signs[0].long().flatten(), minlength=14)
+    assert len(counts) == 14 and counts.min() > 1800 and counts.max() < 2200  # 2,000 each expected, sd 43
 
 
 @pytest.mark.parametrize("magnitude", [9, 27])

@@ -20,8 +20,8 @@ The stored images are the test transform's resize and centre crop, so test batch
 Training crops are taken from that square, where the plain loader crops the full image: the sides of a wide photo
 that the centre crop cut off are never seen here. The crops are otherwise torchvision's RandomResizedCrop (area and
 aspect ratio drawn up to 10 times until the crop fits, else the whole square), though not rounded to whole pixels.
-The differences from torchvision's RandAugment, small for training:
-- Equalize is left out (13 ops, not 14): a per-image histogram has no cheap batched form;
+The strong policy draws from torchvision's 14 RandAugment ops, each with its probability. The differences from
+torchvision's RandAugment, small for training:
 - the colour ops run after all geometric ones whatever order they were drawn in, and act on interpolated values
   rather than on uint8 pixels;
 - crop, flip and geometric ops are one bilinear resampling of the stored square (torchvision resamples twice, the
@@ -145,12 +145,12 @@ def _build_caches(root: Path, image_size: int, cache_dir: Path) -> dict[str, dic
 # Augmentation on the device, batched: one sampling grid per image, masked colour operations
 # --------------------------------------------------------------------------------------------------------------
 
-# RandAugment's operations (Cubuk et al. 2020) at a magnitude on torchvision's scale of 31 bins (0-30; default
-# data.RANDAUGMENT_MAGNITUDE, 9: 30% of each op's largest change). Equalize is left out: a per-image histogram has no
-# cheap batched form. Every other op equals torchvision's at the same magnitude with bilinear interpolation
-# (tests/test_data.py), except that shears turn about the centre rather than the top-left corner.
+# RandAugment's operations (Cubuk et al. 2020), torchvision's 14 in its order, at a magnitude on torchvision's scale
+# of 31 bins (0-30; default data.RANDAUGMENT_MAGNITUDE, 9: 30% of each op's largest change). Each op equals
+# torchvision's at the same magnitude with bilinear interpolation (tests/test_data.py), except that shears turn about
+# the centre rather than the top-left corner; equalize is torchvision's own function, which takes a batch.
 RANDAUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
-                   "contrast", "sharpness", "posterize", "solarize", "autocontrast")
+                   "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
 _OP = {name: index for index, name in enumerate(RANDAUGMENT_OPS)}
 
 
@@ -222,6 +222,8 @@ def colour_ops(images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor,
     Brightness, color, contrast and sharpness are PIL's ImageEnhance: blend the image with a "degenerate"
     version (black, gray, mean gray, blurred) by a factor 1 +- 0.9 x magnitude / 30 (1 +- 0.27 at 9); one blend
     serves all four. Posterize keeps 8 - round(magnitude / 7.5) bits (7 at 9), solarize inverts from 1 - magnitude / 30.
+    Autocontrast and equalize take no magnitude. Every op is computed for the whole batch and kept where chosen:
+    asking which images chose it would make the GPU wait for the answer.
     """
     strength = op_strength(magnitude)
     dropped_bits = round(4 * strength)  # torchvision's 8 - (bin / 7.5).round(); never a tie for a whole bin
@@ -252,7 +254,10 @@ def colour_ops(images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor,
     stretched = (images - low) / (high - low).clamp(min=1 / 255)
     # A channel flat to within half a uint8 step stays as it is, as a flat uint8 channel does in torchvision;
     # "high > low" would stretch the rounding noise of interpolation (1e-7) into black and white.
-    return torch.where(chosen("autocontrast") & (high - low >= 0.5 / 255), stretched, out)
+    out = torch.where(chosen("autocontrast") & (high - low >= 0.5 / 255), stretched, out)
+    # torchvision's equalize takes a batch: a histogram per image and channel, of the values rounded down to uint8.
+    # Clamped first: interpolation can give 1 + 1e-7, which would turn into 256, and wrap round to 0, in uint8.
+    return torch.where(chosen("equalize"), TF.equalize(images.clamp(0, 1)), out)
 
 
 def shift_and_flip(images: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
