@@ -135,6 +135,9 @@ def one_error_line(capsys) -> str:
     (["--drop-path", "1"], "argument --drop-path: expected a number from 0 up to, not including, 1, got '1'"),
     (["--augment", "basic", "--augment-magnitude", "27"], "--augment-magnitude sets RandAugment's strength, and this "
                                                           "run does not use RandAugment: add --augment strong"),
+    (["--random-erasing", "1.5"], "argument --random-erasing: expected a number from 0 to 1, got '1.5'"),
+    (["--augment", "none", "--random-erasing", "0.25"], "--random-erasing erases boxes from augmented training "
+                                                        "images, and this run does not augment them"),
 ])
 def test_bad_arguments_give_one_line_and_exit_code_2(tiny_folder, tmp_path, capsys, extra, message):
     assert main(train_args(tiny_folder, tmp_path / "run", *extra)) == 2
@@ -233,6 +236,36 @@ def test_augment_magnitude_reaches_the_loader_and_cannot_change_on_resume(tiny_f
     assert main(["train", "--out", str(out), "--resume", "--augment-magnitude", "9"]) == 2
     assert "--augment-magnitude cannot change" in capsys.readouterr().err
     assert main(["train", "--out", str(out), "--resume"]) == 0 and seen == [27, 27]
+
+
+def test_random_erasing_reaches_both_loaders_and_cannot_change_on_resume(tiny_folder, tmp_path, monkeypatch, capsys):
+    from vit_helpers import data, gpu_data
+
+    seen, make_cached, make_plain = [], gpu_data.make_cached_loaders, data.make_dataloaders
+
+    def cached(*args, **kwargs):
+        loaders = make_cached(*args, **kwargs)
+        seen.append(("cached", loaders[0].augment.erasing))
+        return loaders
+
+    def plain(*args, **kwargs):
+        loaders = make_plain(*args, **kwargs)
+        erasing = [t.p for t in loaders[0].dataset.transform.transforms if type(t).__name__ == "RandomErasing"]
+        seen.append(("plain", erasing))
+        return loaders
+
+    monkeypatch.setattr(gpu_data, "make_cached_loaders", cached)
+    monkeypatch.setattr(data, "make_dataloaders", plain)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--augment", "basic", "--random-erasing", "0.25",
+                           "--stop-after-epoch", "1")) == 0
+    assert json.loads((out / "metrics.json").read_text())["settings"]["random_erasing"] == 0.25
+    assert main(["train", "--out", str(out), "--resume", "--random-erasing", "0"]) == 2
+    assert "--random-erasing cannot change" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert main(train_args(tiny_folder, tmp_path / "plain", "--augment", "strong", "--random-erasing", "0.5",
+                           "--no-cached", "--epochs", "1")) == 0
+    assert seen == [("cached", 0.25), ("cached", 0.25), ("plain", [0.5])]
 
 
 def test_drop_path_reaches_the_model_overrides_a_recipe_and_cannot_change_on_resume(tiny_folder, tmp_path,

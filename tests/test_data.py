@@ -148,7 +148,7 @@ def test_the_strong_policys_magnitude_reaches_both_loaders_and_bad_ones_are_refu
     cached, _, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu", augment="strong",
                                        augment_magnitude=27)
     assert cached.augment.magnitude == 27
-    (matrices, ops_and_signs), (base_matrices, base_ops_and_signs) = (
+    (matrices, ops_and_signs, _), (base_matrices, base_ops_and_signs, _) = (
         gpu_data.DeviceAugment("strong", magnitude=magnitude).draw(1000, torch.Generator().manual_seed(0), 8, "cpu")
         for magnitude in (27, 9))
     assert torch.equal(ops_and_signs, base_ops_and_signs)  # the same two ops and signs per image
@@ -164,6 +164,91 @@ def test_the_strong_policys_magnitude_reaches_both_loaders_and_bad_ones_are_refu
             make_dataloaders(root, image_size=8, batch_size=4, augment="strong", num_workers=0, augment_magnitude=bad)
         with pytest.raises(ValueError, match="augment_magnitude"):
             gpu_data.DeviceAugment("strong", magnitude=bad)
+
+
+def torchvision_erasing_boxes(count: int, size: int) -> torch.Tensor:
+    """(count, 4) boxes (top, left, height, width) that torchvision's RandomErasing erases from a size x size
+    image, read off its output: the zeros it leaves in an image of ones. Height 0 where it erased nothing."""
+    from torchvision.transforms import v2
+
+    erasing, ones, boxes = v2.RandomErasing(p=1.0, value=0), torch.ones(1, size, size), []
+    torch.manual_seed(0)
+    for _ in range(count):
+        rows, columns = (erasing(ones)[0] == 0).nonzero(as_tuple=True)
+        if len(rows) == 0:
+            boxes.append([0, 0, 0, 0])
+        else:
+            boxes.append([rows.min(), columns.min(), rows.max() - rows.min() + 1, columns.max() - columns.min() + 1])
+    return torch.tensor(boxes, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("size", [32, 7])
+def test_device_erasing_boxes_are_torchvisions_random_erasing_boxes(size):
+    """Per image, the boxes torchvision's RandomErasing draws (one per call): the same distribution of heights,
+    widths, areas and places, and the same share of images where no box fitted in 10 tries (many at 7 px)."""
+    count = 6000
+    ours = gpu_data.erasing_boxes(count, torch.Generator().manual_seed(0), size, probability=1.0)
+    theirs = torchvision_erasing_boxes(count, size)
+    for boxes in (ours, theirs):
+        top, left, height, width = boxes.T
+        assert (top >= 0).all() and (left >= 0).all() and (top + height <= size).all() and (left + width <= size).all()
+        assert torch.equal(top, top.round()) and torch.equal(height, height.round())  # whole pixels
+    erased = [boxes[:, 2] > 0 for boxes in (ours, theirs)]
+    assert abs(erased[0].float().mean() - erased[1].float().mean()) < 0.02
+    ours, theirs = (boxes[mask] for boxes, mask in zip((ours, theirs), erased))
+    measures = {"height": lambda b: b[:, 2], "width": lambda b: b[:, 3], "area": lambda b: b[:, 2] * b[:, 3],
+                "centre row": lambda b: b[:, 0] + b[:, 2] / 2, "centre column": lambda b: b[:, 1] + b[:, 3] / 2}
+    for name, measure in measures.items():
+        for quantile in (0.1, 0.5, 0.9):
+            mine, reference = (measure(boxes).quantile(torch.tensor(quantile)) for boxes in (ours, theirs))
+            assert abs(mine - reference) <= max(1.0, 0.06 * reference), (name, quantile, mine, reference)
+
+
+def test_device_erasing_sets_each_images_own_box_to_zero_as_torchvisions_erase():
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    boxes = gpu_data.erasing_boxes(64, torch.Generator().manual_seed(1), 16, probability=0.5)
+    assert 0 < (boxes[:, 2] > 0).sum() < 64  # some erased, some not
+    erased = gpu_data.erase(images, boxes)
+    for image, box, actual in zip(images, boxes.long().tolist(), erased):
+        top, left, height, width = box
+        expected = TF.erase(image, top, left, height, width, torch.zeros(1, 1, 1)) if height else image
+        assert torch.equal(actual, expected)
+
+
+def test_random_erasing_reaches_both_loaders_leaves_the_other_draws_alone_and_bad_values_are_refused(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    train, test, _ = make_dataloaders(root, image_size=8, batch_size=4, augment="basic", num_workers=0,
+                                      random_erasing=0.25)
+    erasing = [t for t in train.dataset.transform.transforms if type(t).__name__ == "RandomErasing"]
+    assert [(t.p, t.scale, t.ratio, t.value) for t in erasing] == [(0.25, data.RANDOM_ERASING_SCALE,
+                                                                    data.RANDOM_ERASING_RATIO, [0.0])]
+    assert type(train.dataset.transform.transforms[-1]).__name__ == "RandomErasing"  # after normalising
+    assert not any(type(t).__name__ == "RandomErasing" for t in test.dataset.transform.transforms)
+    cached, cached_test, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu", augment="strong",
+                                                 random_erasing=0.25)
+    assert (cached.augment.erasing, cached_test.augment.erasing) == (0.25, 0.0)
+    for policy in ("basic", "strong"):  # erasing draws after the rest: the crops and ops are the same
+        plain, with_boxes = (gpu_data.DeviceAugment(policy, erasing=p).draw(500, torch.Generator().manual_seed(0),
+                                                                             8, "cpu") for p in (0.0, 0.5))
+        assert plain[2] is None and with_boxes[2].shape == (500, 4)
+        for a, b in zip(plain[:2], with_boxes[:2]):
+            assert (a is None and b is None) or torch.equal(a, b)
+    images = torch.randint(0, 256, (500, 3, 8, 8), dtype=torch.uint8)
+    augment = gpu_data.DeviceAugment("basic", erasing=0.5)
+    draws = augment.draw(500, torch.Generator().manual_seed(0), 8, "cpu")
+    torch.testing.assert_close(augment.apply(images, draws),
+                               gpu_data.erase(gpu_data.DeviceAugment("basic").apply(images, draws[:2] + (None,)),
+                                              draws[2]))
+    for bad in (-0.1, 1.5, True, "0.2"):
+        with pytest.raises(ValueError, match="random_erasing must be a probability from 0 to 1"):
+            make_dataloaders(root, image_size=8, batch_size=4, num_workers=0, random_erasing=bad)
+        with pytest.raises(ValueError, match="random_erasing must be a probability"):
+            gpu_data.DeviceAugment("basic", erasing=bad)
+    for make in (make_dataloaders, make_cached_loaders):
+        with pytest.raises(ValueError, match="choose augment 'basic' or 'strong', or random_erasing 0"):
+            make(root, image_size=8, batch_size=4, augment=False, random_erasing=0.25)
 
 
 @pytest.mark.parametrize("magnitude", [9, 2, 27, 30])
@@ -203,7 +288,7 @@ def test_the_device_policy_draws_torchvisions_randaugment_ops():
 
     assert [op.replace("_", "") for op in gpu_data.RANDAUGMENT_OPS] == [
         name.lower() for name in v2.RandAugment._AUGMENTATION_SPACE]
-    _, ops_and_signs = gpu_data.DeviceAugment("strong").draw(14000, torch.Generator().manual_seed(0), 8, "cpu")
+    _, ops_and_signs, _ = gpu_data.DeviceAugment("strong").draw(14000, torch.Generator().manual_seed(0), 8, "cpu")
     counts = torch.bincount(ops_and_signs[0].long().flatten(), minlength=14)
     assert len(counts) == 14 and counts.min() > 1800 and counts.max() < 2200  # 2,000 each expected, sd 43
 
@@ -560,7 +645,7 @@ def test_a_cached_loader_draws_several_batches_augmentations_at_once_and_each_ba
     train.set_epoch(3)
     batches = list(train)
     assert len(batches) == 6 and len(draws) == 3  # 25 training images: 6 batches of 4, two batches per draw
-    assert all(matrices.shape == (1, 8, 3, 3) and ops is None for matrices, ops in draws)
+    assert all(matrices.shape == (1, 8, 3, 3) and ops is None and boxes is None for matrices, ops, boxes in draws)
     rows = train.rows[torch.tensor(list(train.sampler))]
     for index, (images, _) in enumerate(batches):
         flips = draws[index // 2][0][0, 4 * (index % 2):4 * (index % 2) + 4, 0, 0]
@@ -732,7 +817,7 @@ def test_basic_device_crops_never_blend_in_black_at_the_border():
 
 
 @pytest.mark.parametrize("policy, crop", [("basic", {"scale": (0.5, 1.0)}), ("strong", {"scale": (0.5, 1.0)}),
-                                          ("strong", {"padding": 4})])
+                                          ("strong", {"padding": 4, "erasing": 0.5})])
 def test_compiled_device_augmentation_equals_the_plain_one(policy, crop):
     """DeviceAugment(compile=True): the same draws and the same images to float rounding (here torch.compile's CPU
     backend; on a GPU, tests/test_cuda.py compares it with the CPU's plain version)."""

@@ -183,9 +183,13 @@ def test_recipe_changes_are_parsed_as_the_fields_types(gpu_checks, capsys):
 
     recipe = gpu_checks.with_changes(get_recipe("cifar10"), ["lr=2e-3", "epochs=150", "augment=basic",
                                                              'model_overrides={"num_layers": 6}',
-                                                             "crop_scale=0.5,1", "augment_magnitude=27"])
+                                                             "crop_scale=0.5,1", "augment_magnitude=27",
+                                                             "random_erasing=0.25"])
     assert (recipe.lr, recipe.epochs, recipe.augment, recipe.crop_scale) == (2e-3, 150, "basic", (0.5, 1.0))
-    assert recipe.augment_magnitude == 27
+    assert (recipe.augment_magnitude, recipe.random_erasing) == (27, 0.25)
+    with pytest.raises(SystemExit):  # checked before any image is unpacked
+        gpu_checks.parse_args(["--cifar-set", "augment=false", "--cifar-set", "random_erasing=0.25"])
+    assert "choose augment 'basic' or 'strong', or random_erasing 0" in capsys.readouterr().err
     config = recipe.model_config(10)  # the dict replaces the recipe's whole: ViT-S/4 with 6 layers
     assert (config.num_layers, config.embed_dim, config.mlp_dim) == (6, 384, 1536)
     with pytest.raises(SystemExit):

@@ -127,6 +127,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment-magnitude", type=int, metavar="M",
                         help="with --augment strong: RandAugment's strength on torchvision's scale, 0-30 (default 9, "
                              "a third of each op's range; DeiT's rand-m9 is 27)")
+    parser.add_argument("--random-erasing", type=fraction, metavar="P",
+                        help="with --augment basic or strong: erase a random box (2-33%% of the area) from this "
+                             "share of the training images, as torchvision's RandomErasing (default 0; DeiT's 0.25)")
     parser.add_argument("--crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="the random resized crops' share of the image area, e.g. 0.8 1.0 (default: the "
                              "loaders', vit_helpers.data.RANDOM_CROP_SCALE); replaces a recipe's --crop-padding")
@@ -298,17 +301,19 @@ def build_loaders(settings: dict, device: torch.device):
                                    augment=settings["augment"], crop_scale=settings["crop_scale"],
                                    crop_padding=settings["crop_padding"],
                                    augment_magnitude=settings["augment_magnitude"],
+                                   random_erasing=settings["random_erasing"],
                                    compile_augment=settings["compile_augment"])
     return data.make_dataloaders(settings["data"], image_size=settings["image_size"],
                                  batch_size=settings["batch_size"], seed=settings["seed"],
                                  num_workers=settings["num_workers"], augment=settings["augment"],
                                  crop_scale=settings["crop_scale"], crop_padding=settings["crop_padding"],
-                                 augment_magnitude=settings["augment_magnitude"])
+                                 augment_magnitude=settings["augment_magnitude"],
+                                 random_erasing=settings["random_erasing"])
 
 
 def prepare_run(args):
     """Everything before training, where any failure is a usage error: settings, device, data, model."""
-    from vit_helpers.data import _augment_policy, checked_crop, checked_magnitude
+    from vit_helpers.data import _augment_policy, checked_crop, checked_erasing, checked_magnitude
     from vit_helpers.datasets import DatasetError
 
     out = Path(args.out)
@@ -326,6 +331,10 @@ def prepare_run(args):
         if args.augment_magnitude is not None and _augment_policy(settings["augment"]) != "strong":
             raise ValueError("--augment-magnitude sets RandAugment's strength, and this run does not use RandAugment: "
                              "add --augment strong, or drop --augment-magnitude.")
+        if settings["random_erasing"] and _augment_policy(settings["augment"]) == "none":
+            raise ValueError("--random-erasing erases boxes from augmented training images, and this run does not "
+                             "augment them: add --augment basic or --augment strong, or drop --random-erasing.")
+        checked_erasing(settings["random_erasing"], settings["augment"])
         if settings["compile_augment"] and not settings["cached"]:
             raise ValueError("--compile-augment compiles the cached loaders' augmentation, and this run does not "
                              "use them: add --cached (a new run) or --no-compile-augment.")

@@ -54,6 +54,11 @@ RANDOM_CROP_SCALE = (0.35, 1.0)
 #: third. timm's and DeiT's "rand-m9" counts in tenths (timm's _LEVEL_DENOM = 10), so it is 27 here: three times ours.
 RANDAUGMENT_MAGNITUDE = 9
 RANDAUGMENT_MAGNITUDE_BINS = 31
+#: Random erasing (Zhong et al. 2020; DeiT erases with probability 0.25): torchvision's RandomErasing boxes, each
+#: 2-33% of the image's area with an aspect ratio from 0.3 to 3.3, filled with 0 after normalisation (the mean
+#: colour; DeiT's timm fills noise). torchvision's defaults, which the cached loaders' batched boxes follow too.
+RANDOM_ERASING_SCALE = (0.02, 0.33)
+RANDOM_ERASING_RATIO = (0.3, 3.3)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -244,7 +249,7 @@ class VerifiedImageFolder(ImageFolder):
 
 def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE_MEAN, std=NORMALIZE_STD, *,
                      crop_scale: tuple[float, float] | None = None, crop_padding: int | None = None,
-                     magnitude: int = RANDAUGMENT_MAGNITUDE):
+                     magnitude: int = RANDAUGMENT_MAGNITUDE, erasing: float = 0.0):
     """(train transform, test transform) for PIL images -> normalised float tensors (3, image_size, image_size).
 
     Test: resize the short side, centre crop, normalise (deterministic). Train: a random crop, then a horizontal
@@ -253,9 +258,11 @@ def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE
     augment=False gives train the test transform. The crop is a random resized crop keeping a crop_scale fraction
     of the area (None: RANDOM_CROP_SCALE), or, with crop_padding=P, the test transform's square shifted by up to P
     pixels with black coming in from outside (RandomCrop(image_size, padding=P): CIFAR's usual augmentation).
+    `erasing` > 0: torchvision's RandomErasing with that probability, after normalisation (RANDOM_ERASING_SCALE).
     """
     crop_scale, crop_padding = checked_crop(crop_scale, crop_padding)
     magnitude = checked_magnitude(magnitude)
+    erasing = checked_erasing(erasing, augment)
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     test = v2.Compose([*resize_and_crop(image_size).transforms, *to_tensor])
     policy = _augment_policy(augment)
@@ -268,7 +275,9 @@ def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE
     train = [*crop, v2.RandomHorizontalFlip()]
     if policy == "strong":
         train.append(v2.RandAugment(num_ops=2, magnitude=magnitude, num_magnitude_bins=RANDAUGMENT_MAGNITUDE_BINS))
-    return v2.Compose([*train, *to_tensor]), test
+    # On the normalised tensor, where 0 is the mean colour (torchvision's default fill; timm's, in DeiT, is noise).
+    erase = [v2.RandomErasing(p=erasing, scale=RANDOM_ERASING_SCALE, ratio=RANDOM_ERASING_RATIO, value=0)]
+    return v2.Compose([*train, *to_tensor, *(erase if erasing else [])]), test
 
 
 def checked_crop_scale(crop_scale=None) -> tuple[float, float]:
@@ -303,6 +312,18 @@ def checked_magnitude(magnitude=RANDAUGMENT_MAGNITUDE) -> int:
                          f"torchvision's scale ({RANDAUGMENT_MAGNITUDE}, the default, is about a third of each op's "
                          f"largest change; DeiT's rand-m9 is 27); got {magnitude!r}.")
     return magnitude
+
+
+def checked_erasing(erasing=0.0, augment: bool | str = True) -> float:
+    """Random erasing's probability as a float from 0 to 1, or a ValueError saying what to pass: also where
+    there is no training augmentation for it to join (augment "none")."""
+    if isinstance(erasing, bool) or not isinstance(erasing, (int, float)) or not 0 <= erasing <= 1:
+        raise ValueError(f"random_erasing must be a probability from 0 to 1, the share of training images that get "
+                         f"a box erased (DeiT's is 0.25; 0 turns it off); got {erasing!r}.")
+    if erasing and _augment_policy(augment) == "none":
+        raise ValueError(f"random_erasing {erasing} erases boxes from augmented training images, and augment is "
+                         f"{augment!r}: choose augment 'basic' or 'strong', or random_erasing 0.")
+    return float(erasing)
 
 
 def checked_crop(crop_scale=None, crop_padding=None) -> tuple[tuple[float, float], int | None]:
@@ -433,7 +454,7 @@ def make_dataloaders(data_dir, image_size: int = 224, batch_size: int = 32, test
                      seed: int = 42, num_workers: int | None = None, augment: bool | str = True, *,
                      mean=NORMALIZE_MEAN, std=NORMALIZE_STD, crop_scale: tuple[float, float] | None = None,
                      crop_padding: int | None = None, augment_magnitude: int = RANDAUGMENT_MAGNITUDE,
-                     ) -> tuple[DataLoader, DataLoader, list[str]]:
+                     random_erasing: float = 0.0) -> tuple[DataLoader, DataLoader, list[str]]:
     """(train loader, test loader, class names) for a dataset name ("sample", "animals10", "cifar10") or folder.
 
     Train: a DistributedSampler (world size 1 outside torch.distributed) shuffling with `seed`; call
@@ -441,11 +462,13 @@ def make_dataloaders(data_dir, image_size: int = 224, batch_size: int = 32, test
     resumed and multi-GPU training exact. Full batches only (drop_last). The random resized crop keeps a
     crop_scale = (low, high) fraction of each image's area (None: RANDOM_CROP_SCALE); crop_padding=P shifts the
     image by up to P pixels instead (`build_transforms`); augment="strong" adds RandAugment at
-    `augment_magnitude` (0-30, RANDAUGMENT_MAGNITUDE). Test: every image, in order, unaugmented.
+    `augment_magnitude` (0-30, RANDAUGMENT_MAGNITUDE); random_erasing=p erases a box from that share of the
+    training images (torchvision's RandomErasing). Test: every image, in order, unaugmented.
     Batches are (images float32 (B, 3, S, S) normalised with mean/std, labels int64 (B,)).
     """
     train_transform, test_transform = build_transforms(image_size, augment, mean, std, crop_scale=crop_scale,
-                                                       crop_padding=crop_padding, magnitude=augment_magnitude)
+                                                       crop_padding=crop_padding, magnitude=augment_magnitude,
+                                                       erasing=random_erasing)
     train_set, test_set, classes = load_image_datasets(data_dir, test_fraction, seed, train_transform,
                                                        test_transform)
     rank, world_size = distributed_info()

@@ -10,6 +10,8 @@ each epoch then only gathers rows, and the augmentation runs on the device in ba
     augment="strong"                        + two RandAugment-style ops per image at augment_magnitude (9 of 30
                                               by default; geometric ops join the grid, colour ops are masked
                                               tensor ops)
+    random_erasing=p                        + a box erased from that share of the images (torchvision's
+                                              RandomErasing boxes, one mask for the batch)
 
     train_loader, test_loader, classes = make_cached_loaders("animals10", image_size=224, batch_size=256)
     for epoch in range(epochs):
@@ -53,6 +55,8 @@ from vit_helpers.data import (
     RANDAUGMENT_MAGNITUDE,
     RANDAUGMENT_MAGNITUDE_BINS,
     RANDOM_CROP_SCALE,
+    RANDOM_ERASING_RATIO,
+    RANDOM_ERASING_SCALE,
     VerifiedImageFolder,
     _augment_policy,
     _cpu_count,
@@ -60,6 +64,7 @@ from vit_helpers.data import (
     cache_folder,
     check_split_classes,
     checked_crop,
+    checked_erasing,
     checked_magnitude,
     load_rgb,
     resize_and_crop,
@@ -317,11 +322,41 @@ def send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.contiguous().pin_memory().to(device, non_blocking=True)
 
 
+def erasing_boxes(count: int, generator: torch.Generator, size: int, probability: float,
+                  scale=RANDOM_ERASING_SCALE, ratio=RANDOM_ERASING_RATIO, tries: int = 10) -> torch.Tensor:
+    """(count, 4) boxes (top, left, height, width, in pixels, as floats) to erase from square `size` images: each
+    image's with `probability`, else height 0. torchvision's RandomErasing boxes, drawn for a batch: an area of
+    `scale` of the image and an aspect ratio in `ratio` (uniform in log), the sides rounded to whole pixels and
+    drawn again until both are shorter than the image's, at most `tries` times (none fits: nothing erased); then a
+    place where it fits, every one equally likely."""
+    area = torch.empty(tries, count).uniform_(*scale, generator=generator) * size * size
+    aspect = torch.empty(tries, count).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    height, width = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()  # half to even, as round()
+    fits = (height < size) & (width < size)
+    first = fits.int().argmax(0, keepdim=True)  # the first draw that fits (index 0 where none does)
+    height, width = height.gather(0, first)[0], width.gather(0, first)[0]
+    top = (torch.rand(count, generator=generator) * (size - height + 1)).floor()
+    left = (torch.rand(count, generator=generator) * (size - width + 1)).floor()
+    erased = fits.any(0) & (torch.rand(count, generator=generator) < probability)
+    return torch.stack([top, left, torch.where(erased, height, 0.0), width], dim=1)
+
+
+def erase(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """`images` (B, C, H, W) with each one's box of `boxes` ((B, 4) from `erasing_boxes`) set to 0: one mask built
+    by comparisons for the whole batch, where torchvision's RandomErasing takes one box for a whole tensor."""
+    top, left, height, width = boxes.T.reshape(4, -1, 1, 1)
+    rows = torch.arange(images.shape[-2], device=images.device).view(1, -1, 1)
+    columns = torch.arange(images.shape[-1], device=images.device).view(1, 1, -1)
+    inside = (rows >= top) & (rows < top + height) & (columns >= left) & (columns < left + width)  # (B, H, W)
+    return images.masked_fill(inside.unsqueeze(1), 0.0)
+
+
 class DeviceAugment:
     """uint8 (B, 3, S, S) on any device -> float32 normalised, augmented with `policy` ("none", "basic", "strong").
     Random numbers come from a CPU generator, so results depend on (seed, epoch), not on the device. The crops are
     random resized crops keeping a `scale` share of the area, or with `padding` = P shifts of up to P pixels
-    (`data.build_transforms`).
+    (`data.build_transforms`). `erasing` > 0: then a box erased from that share of the images, after
+    normalisation (`erasing_boxes`: torchvision's RandomErasing, as `data.build_transforms` uses it).
 
     `compile=True` runs the device part (resampling, colour ops, normalisation) through `torch.compile`: a few
     fused kernels instead of about 150 small ones per strong batch, which matters where launching kernels, not
@@ -331,10 +366,12 @@ class DeviceAugment:
     """
 
     def __init__(self, policy: str = "basic", mean=NORMALIZE_MEAN, std=NORMALIZE_STD, scale=None,
-                 compile: bool = False, *, padding: int | None = None, magnitude: int = RANDAUGMENT_MAGNITUDE):
+                 compile: bool = False, *, padding: int | None = None, magnitude: int = RANDAUGMENT_MAGNITUDE,
+                 erasing: float = 0.0):
         self.policy = _augment_policy(policy)
         self.scale, self.padding = checked_crop(scale, padding)
         self.magnitude = checked_magnitude(magnitude)
+        self.erasing = checked_erasing(erasing, self.policy)
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         self.compiled = compiled_augment_on_device() if compile and self.policy != "none" else None
         self._compiled_ran = False  # after one batch ran compiled, its errors are real errors, not the compiler's
@@ -344,9 +381,11 @@ class DeviceAugment:
         return self.apply(images, self.draw(len(images), generator, images.shape[-1], images.device))
 
     def draw(self, count: int, generator: torch.Generator | None, size: int, device) -> tuple | None:
-        """The random parameters of `count` images of `size` px: drawn on the CPU, sent to `device` in at most two
+        """The random parameters of `count` images of `size` px: drawn on the CPU, sent to `device` in at most three
         copies. (matrices (1 or 3, count, 3, 3): the crops, then the strong policy's two geometric ops;
-        ops_and_signs (2, 2, count) or None: its two ops and their signs, as floats); None for policy "none".
+        ops_and_signs (2, 2, count) or None: its two ops and their signs, as floats; boxes (count, 4) or None: the
+        boxes to erase); None for policy "none". Nothing is drawn for erasing when it is off, so the other draws
+        are the same as without it.
 
         A draw costs about 200 small CPU operations whatever the count, plus a little per image: 0.68 ms for 512
         strong resized crops on one core, 7.8 ms for 16,384 (0.24 ms per 512). So `CachedImageLoader` draws many
@@ -358,11 +397,15 @@ class DeviceAugment:
         crops = (shifted_crop_flip_matrices(count, generator, self.padding, size) if self.padding is not None
                  else crop_flip_matrices(count, generator, self.scale))
         if self.policy != "strong":
-            return send(crops.unsqueeze(0), device), None  # (1, count, 3, 3)
+            return send(crops.unsqueeze(0), device), None, self._boxes(count, generator, size, device)
         ops = torch.randint(len(RANDAUGMENT_OPS), (2, count), generator=generator)
         signs = torch.where(torch.rand(2, count, generator=generator) < 0.5, -1.0, 1.0)
         matrices = torch.stack([crops, *(geometric_op_matrices(ops[i], signs[i], self.magnitude) for i in range(2))])
-        return send(matrices, device), send(torch.stack([ops.float(), signs]), device)  # (3, count, 3, 3), (2, 2, N)
+        return (send(matrices, device), send(torch.stack([ops.float(), signs]), device),  # (3, N, 3, 3), (2, 2, N)
+                self._boxes(count, generator, size, device))
+
+    def _boxes(self, count: int, generator: torch.Generator | None, size: int, device) -> torch.Tensor | None:
+        return send(erasing_boxes(count, generator, size, self.erasing), device) if self.erasing else None
 
     def apply(self, images: torch.Tensor, draws: tuple | None) -> torch.Tensor:
         """`images` (uint8 (B, 3, S, S)) augmented with `draws` (`draw`'s, for these B images, on their device)."""
@@ -371,11 +414,12 @@ class DeviceAugment:
             self.mean, self.std = send(self.mean, device), send(self.std, device)
         if draws is None:
             return augment_on_device(images, None, None, self.mean, self.std)
-        matrices, ops_and_signs = draws
+        matrices, ops_and_signs, boxes = draws
         shifted = self.padding is not None
         if self.compiled is not None:
             try:
-                out = self.compiled(images, matrices, ops_and_signs, self.mean, self.std, shifted, self.magnitude)
+                out = self.compiled(images, matrices, ops_and_signs, self.mean, self.std, shifted, self.magnitude,
+                                    boxes)
             except Exception as error:
                 if self._compiled_ran or isinstance(error, torch.OutOfMemoryError):
                     raise  # not the compiler's doing: the plain version would fail the same way
@@ -385,25 +429,27 @@ class DeviceAugment:
             else:
                 self._compiled_ran = True
                 return out
-        return augment_on_device(images, matrices, ops_and_signs, self.mean, self.std, shifted, self.magnitude)
+        return augment_on_device(images, matrices, ops_and_signs, self.mean, self.std, shifted, self.magnitude,
+                                 boxes)
 
 
 def draws_slice(draws: tuple | None, start: int, stop: int) -> tuple | None:
     """Images start to stop of `DeviceAugment.draw`'s parameters: views, no copy and no kernel."""
     if draws is None:
         return None
-    matrices, ops_and_signs = draws
-    return matrices[:, start:stop], None if ops_and_signs is None else ops_and_signs[..., start:stop]
+    matrices, ops_and_signs, boxes = draws
+    return (matrices[:, start:stop], None if ops_and_signs is None else ops_and_signs[..., start:stop],
+            None if boxes is None else boxes[start:stop])
 
 
 def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_and_signs: torch.Tensor | None,
                       mean: torch.Tensor, std: torch.Tensor, shifted: bool = False,
-                      magnitude: int = RANDAUGMENT_MAGNITUDE) -> torch.Tensor:
+                      magnitude: int = RANDAUGMENT_MAGNITUDE, boxes: torch.Tensor | None = None) -> torch.Tensor:
     """`DeviceAugment`'s arithmetic on the device: uint8 `images` (B, 3, S, S) -> float32, resampled through
     `matrices` ((1 or 3, B, 3, 3): the crops, then the two geometric ops; None: no resampling; `shifted`: the
     crops are whole-pixel shifts, applied exactly by `shift_and_flip` before the ops resample), recoloured by
     `ops_and_signs` ((2, 2, B): the strong policy's two ops and their signs, as floats; None: none) at `magnitude`
-    (the geometric ops' is in their matrices already), normalised."""
+    (the geometric ops' is in their matrices already), normalised, and with `boxes` ((B, 4) or None) erased."""
     x = images.float().div_(255)
     if matrices is not None:
         if shifted:
@@ -415,7 +461,8 @@ def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_a
     if ops_and_signs is not None:
         ops, signs = ops_and_signs[0].long(), ops_and_signs[1]
         x = colour_ops(colour_ops(x, ops[0], signs[0], magnitude), ops[1], signs[1], magnitude)
-    return (x - mean) / std
+    x = (x - mean) / std
+    return x if boxes is None else erase(x, boxes)
 
 
 @functools.cache
@@ -556,7 +603,7 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
                         crop_padding: int | None = None, mean=NORMALIZE_MEAN, std=NORMALIZE_STD,
                         keep_on_device: bool | None = None, num_replicas: int | None = None,
                         rank: int | None = None, compile_augment: bool = False,
-                        augment_magnitude: int = RANDAUGMENT_MAGNITUDE,
+                        augment_magnitude: int = RANDAUGMENT_MAGNITUDE, random_erasing: float = 0.0,
                         ) -> tuple[CachedImageLoader, CachedImageLoader, list[str]]:
     """(train loader, test loader, class names) that decode every image once and augment on `device`.
 
@@ -565,7 +612,8 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     vit_cache_<split>_<size>.pt and reused while the files are unchanged.
     The split of a folder without train/ and test/ is `stratified_split`'s, as in `make_dataloaders`.
     `crop_scale`: the training crops' share of the area (default RANDOM_CROP_SCALE), or `crop_padding`: shifted
-    crops instead, as in `make_dataloaders`; `augment_magnitude`: the strong policy's RandAugment magnitude (0-30).
+    crops instead, as in `make_dataloaders`; `augment_magnitude`: the strong policy's RandAugment magnitude (0-30);
+    `random_erasing`: the share of training images with a box erased (`DeviceAugment(erasing=)`).
     `compile_augment`: the training augmentation through `torch.compile` (`DeviceAugment(compile=True)`). Under
     torch.distributed each process gets its shard (num_replicas and rank override that, e.g. for tests); rank 0
     builds the cache while the others wait.
@@ -600,7 +648,8 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     shared = dict(seed=seed, num_replicas=num_replicas, rank=rank)
     train = CachedImageLoader(images, targets, train_rows, classes, batch_size, device, train=True,
                               augment=DeviceAugment(augment, mean, std, crop_scale, compile=compile_augment,
-                                                    padding=crop_padding, magnitude=augment_magnitude), **shared)
+                                                    padding=crop_padding, magnitude=augment_magnitude,
+                                                    erasing=random_erasing), **shared)
     if len(train) == 0:
         raise ValueError(f"the training set has {len(train.sampler)} images per process, fewer than batch_size "
                          f"{batch_size}: lower batch_size.")

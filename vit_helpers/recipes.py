@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from vit_helpers.data import RANDAUGMENT_MAGNITUDE, _augment_policy, checked_crop, checked_magnitude
+from vit_helpers.data import RANDAUGMENT_MAGNITUDE, _augment_policy, checked_crop, checked_erasing, checked_magnitude
 from vit_helpers.model import ViTConfig
 from vit_helpers.training import TrainConfig
 
@@ -36,6 +36,7 @@ class Recipe:
     cutmix_alpha: float = 0.0  # > 0: CutMix; with both, one of the two per batch
     augment: bool | str = True  # True/"basic": random resized crop + flip; "strong": + RandAugment; False: none
     augment_magnitude: int = RANDAUGMENT_MAGNITUDE  # "strong": RandAugment's strength, 0-30 (DeiT's m9 is 27)
+    random_erasing: float = 0.0  # the share of training images with a box erased (DeiT's: 0.25)
     crop_scale: tuple[float, float] | None = None  # the random crops' share of the area; None: data.RANDOM_CROP_SCALE
     crop_padding: int | None = None  # pixels: shifted crops (CIFAR's usual, 4) instead of random resized crops
     cached: bool = False  # decode once and augment on the device (vit_helpers.gpu_data.make_cached_loaders)
@@ -63,7 +64,7 @@ class Recipe:
         any data is read: a ValueError that says what."""
         self.model_config(num_classes=2), self.train_config()
         checked_crop(self.crop_scale, self.crop_padding), _augment_policy(self.augment)
-        checked_magnitude(self.augment_magnitude)
+        checked_magnitude(self.augment_magnitude), checked_erasing(self.random_erasing, self.augment)
         return self
 
 
