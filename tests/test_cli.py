@@ -217,55 +217,45 @@ def test_torchrun_stopped_by_a_nan_loss_says_so_once_and_leaves_cleanly(tiny_fol
     assert "destroy_process_group" not in result.stderr  # PyTorch's warning for a process group left open
 
 
-def test_augment_magnitude_reaches_the_loader_and_cannot_change_on_resume(tiny_folder, tmp_path, monkeypatch,
-                                                                          capsys):
+@pytest.mark.parametrize("setting, value, other, augment", [
+    ("augment_magnitude", 27, 9, "strong"),  # RandAugment's strength
+    ("random_erasing", 0.25, 0.0, "basic"),  # the share of images with a box erased
+])
+def test_an_augmentation_setting_reaches_the_cached_loader_and_cannot_change_on_resume(
+        tiny_folder, tmp_path, monkeypatch, capsys, setting, value, other, augment):
     from vit_helpers import gpu_data
 
     seen, make = [], gpu_data.make_cached_loaders
+    attribute = {"augment_magnitude": "magnitude", "random_erasing": "erasing"}[setting]
 
     def recording(*args, **kwargs):
         loaders = make(*args, **kwargs)
-        seen.append(loaders[0].augment.magnitude)  # the training loader's RandAugment
+        seen.append(getattr(loaders[0].augment, attribute))  # the training loader's augmentation
         return loaders
 
     monkeypatch.setattr(gpu_data, "make_cached_loaders", recording)
-    out = tmp_path / "run"
-    assert main(train_args(tiny_folder, out, "--augment", "strong", "--augment-magnitude", "27",
-                           "--stop-after-epoch", "1")) == 0
-    assert json.loads((out / "metrics.json").read_text())["settings"]["augment_magnitude"] == 27
-    assert main(["train", "--out", str(out), "--resume", "--augment-magnitude", "9"]) == 2
-    assert "--augment-magnitude cannot change" in capsys.readouterr().err
-    assert main(["train", "--out", str(out), "--resume"]) == 0 and seen == [27, 27]
+    out, flag = tmp_path / "run", "--" + setting.replace("_", "-")
+    assert main(train_args(tiny_folder, out, "--augment", augment, flag, str(value), "--stop-after-epoch", "1")) == 0
+    assert json.loads((out / "metrics.json").read_text())["settings"][setting] == value
+    assert main(["train", "--out", str(out), "--resume", flag, str(other)]) == 2
+    assert f"{flag} cannot change" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume"]) == 0 and seen == [value, value]
 
 
-def test_random_erasing_reaches_both_loaders_and_cannot_change_on_resume(tiny_folder, tmp_path, monkeypatch, capsys):
-    from vit_helpers import data, gpu_data
+def test_random_erasing_reaches_the_plain_loader(tiny_folder, tmp_path, monkeypatch):
+    from vit_helpers import data
 
-    seen, make_cached, make_plain = [], gpu_data.make_cached_loaders, data.make_dataloaders
+    seen, make = [], data.make_dataloaders
 
-    def cached(*args, **kwargs):
-        loaders = make_cached(*args, **kwargs)
-        seen.append(("cached", loaders[0].augment.erasing))
+    def recording(*args, **kwargs):
+        loaders = make(*args, **kwargs)
+        seen.extend(t.p for t in loaders[0].dataset.transform.transforms if type(t).__name__ == "RandomErasing")
         return loaders
 
-    def plain(*args, **kwargs):
-        loaders = make_plain(*args, **kwargs)
-        erasing = [t.p for t in loaders[0].dataset.transform.transforms if type(t).__name__ == "RandomErasing"]
-        seen.append(("plain", erasing))
-        return loaders
-
-    monkeypatch.setattr(gpu_data, "make_cached_loaders", cached)
-    monkeypatch.setattr(data, "make_dataloaders", plain)
-    out = tmp_path / "run"
-    assert main(train_args(tiny_folder, out, "--augment", "basic", "--random-erasing", "0.25",
-                           "--stop-after-epoch", "1")) == 0
-    assert json.loads((out / "metrics.json").read_text())["settings"]["random_erasing"] == 0.25
-    assert main(["train", "--out", str(out), "--resume", "--random-erasing", "0"]) == 2
-    assert "--random-erasing cannot change" in capsys.readouterr().err
-    assert main(["train", "--out", str(out), "--resume"]) == 0
+    monkeypatch.setattr(data, "make_dataloaders", recording)
     assert main(train_args(tiny_folder, tmp_path / "plain", "--augment", "strong", "--random-erasing", "0.5",
                            "--no-cached", "--epochs", "1")) == 0
-    assert seen == [("cached", 0.25), ("cached", 0.25), ("plain", [0.5])]
+    assert seen == [0.5]
 
 
 def test_drop_path_reaches_the_model_overrides_a_recipe_and_cannot_change_on_resume(tiny_folder, tmp_path,
