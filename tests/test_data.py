@@ -148,12 +148,14 @@ def test_the_strong_policys_magnitude_reaches_both_loaders_and_bad_ones_are_refu
     cached, _, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu", augment="strong",
                                        augment_magnitude=27)
     assert cached.augment.magnitude == 27
-    (matrices, ops_and_signs, _), (base_matrices, base_ops_and_signs, _) = (
+    (matrices, ops_and_amounts, _), (base_matrices, base_ops_and_amounts, _) = (
         gpu_data.DeviceAugment("strong", magnitude=magnitude).draw(1000, torch.Generator().manual_seed(0), 8, "cpu")
         for magnitude in (27, 9))
-    assert torch.equal(ops_and_signs, base_ops_and_signs)  # the same two ops and signs per image
+    assert torch.equal(ops_and_amounts[0], base_ops_and_amounts[0])  # the same two ops per image
+    torch.testing.assert_close(ops_and_amounts[1], 3 * base_ops_and_amounts[1])  # the same signs, 3x the amounts
+    assert torch.equal(base_ops_and_amounts[1].abs(), torch.full((2, 1000), 0.3))  # magnitude 9 of 30
     assert torch.equal(matrices[0], base_matrices[0])  # the same crops
-    ops = ops_and_signs[0].long()  # (2, images)
+    ops = ops_and_amounts[0].long()  # (2, images)
     for index in range(2):  # the two geometric ops: shears and shifts move these entries (rotations the diagonal)
         kept = ops[index] != gpu_data.RANDAUGMENT_OPS.index("rotate")
         stronger, base = (m[1 + index, kept][:, [0, 1, 0, 1], [1, 0, 2, 2]] for m in (matrices, base_matrices))
@@ -276,7 +278,7 @@ def test_cached_strong_colour_ops_equal_torchvisions_randaugment_ops(sign, magni
     }
     for name, reference in expected.items():
         ops = torch.full((4,), gpu_data.RANDAUGMENT_OPS.index(name))
-        actual = gpu_data.colour_ops(images, ops, torch.full((4,), sign), magnitude)
+        actual = gpu_data.colour_ops(images, ops, torch.full((4,), sign * magnitude / 30))
         torch.testing.assert_close(actual, reference, rtol=0, atol=1e-5, msg=name)
         unchanged = name == "identity" or (name == "posterize" and space["Posterize"] == 8)  # all 8 bits kept
         assert unchanged or not torch.equal(actual, images), f"{name} changed nothing: a weak check"
@@ -288,8 +290,8 @@ def test_the_device_policy_draws_torchvisions_randaugment_ops():
 
     assert [op.replace("_", "") for op in gpu_data.RANDAUGMENT_OPS] == [
         name.lower() for name in v2.RandAugment._AUGMENTATION_SPACE]
-    _, ops_and_signs, _ = gpu_data.DeviceAugment("strong").draw(14000, torch.Generator().manual_seed(0), 8, "cpu")
-    counts = torch.bincount(ops_and_signs[0].long().flatten(), minlength=14)
+    _, ops_and_amounts, _ = gpu_data.DeviceAugment("strong").draw(14000, torch.Generator().manual_seed(0), 8, "cpu")
+    counts = torch.bincount(ops_and_amounts[0].long().flatten(), minlength=14)
     assert len(counts) == 14 and counts.min() > 1800 and counts.max() < 2200  # 2,000 each expected, sd 43
 
 
@@ -318,7 +320,7 @@ def test_cached_strong_geometric_ops_equal_torchvisions_affine_at_randaugments_m
         }
         for name, arguments in expected.items():
             ops = torch.full((2,), gpu_data.RANDAUGMENT_OPS.index(name))
-            matrices = gpu_data.geometric_op_matrices(ops, torch.full((2,), sign), magnitude)
+            matrices = gpu_data.geometric_op_matrices(ops, torch.full((2,), sign * magnitude / 30))
             grid = torch.nn.functional.affine_grid(matrices[:, :2], [2, 3, 32, 32], align_corners=False)
             actual = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
                                                      align_corners=False)
@@ -392,9 +394,9 @@ def test_strong_ops_after_a_shifted_crop_see_the_shifted_image_as_their_crop():
     crops = gpu_data.shifted_crop_flip_matrices(32, generator, 4, 16)
     op_names = ["translate_x", "rotate", "shear_y", "translate_y"]
     ops = torch.tensor([gpu_data.RANDAUGMENT_OPS.index(name) for name in op_names] * 8)
-    signs = torch.where(torch.rand(32, generator=generator) < 0.5, -1.0, 1.0)
-    first = gpu_data.geometric_op_matrices(ops, signs)
-    second = gpu_data.geometric_op_matrices(ops.roll(1), -signs)
+    amounts = torch.where(torch.rand(32, generator=generator) < 0.5, -0.3, 0.3)  # magnitude 9 of 30
+    first = gpu_data.geometric_op_matrices(ops, amounts)
+    second = gpu_data.geometric_op_matrices(ops.roll(1), -amounts)
     identity = (0.0,) * 3, (1.0,) * 3
     mean, std = (torch.tensor(value).view(1, 3, 1, 1) for value in identity)
     got = gpu_data.augment_on_device(images, torch.stack([crops, first, second]), None, mean, std, shifted=True)

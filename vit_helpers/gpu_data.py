@@ -151,7 +151,8 @@ def _build_caches(root: Path, image_size: int, cache_dir: Path) -> dict[str, dic
 # --------------------------------------------------------------------------------------------------------------
 
 # RandAugment's operations (Cubuk et al. 2020), torchvision's 14 in its order, at a magnitude on torchvision's scale
-# of 31 bins (0-30; default data.RANDAUGMENT_MAGNITUDE, 9: 30% of each op's largest change). Each op equals
+# of 31 bins (0-30; default data.RANDAUGMENT_MAGNITUDE, 9: 30% of each op's largest change). Each image's op is
+# applied by an "amount": the signed share of the op's largest change (+-magnitude / 30 here). Each op equals
 # torchvision's at the same magnitude with bilinear interpolation (tests/test_data.py), except that shears turn about
 # the centre rather than the top-left corner; equalize is torchvision's own function, which takes a batch.
 RANDAUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
@@ -203,35 +204,36 @@ def shifted_crop_flip_matrices(batch: int, generator: torch.Generator, padding: 
     return matrices
 
 
-def geometric_op_matrices(ops: torch.Tensor, signs: torch.Tensor, magnitude: int = RANDAUGMENT_MAGNITUDE,
-                          ) -> torch.Tensor:
-    """(batch, 3, 3): shear, translate or rotate for the images whose op is one of those, identity for the rest."""
+def geometric_op_matrices(ops: torch.Tensor, amounts: torch.Tensor) -> torch.Tensor:
+    """(batch, 3, 3): shear, translate or rotate for the images whose op is one of those, identity for the rest,
+    each by its `amounts` (batch,): the signed share of the op's largest change (shear 0.3, a shift of 150/331 of the
+    side, 30 degrees), +-magnitude / 30 for RandAugment."""
     matrices = torch.eye(3).repeat(len(ops), 1, 1)
-    strength = op_strength(magnitude)
-    shear, shift = 0.3 * strength * signs, 2 * (150 / 331) * strength * signs  # shift: [-1, 1] is 2 wide
+    shear, shift = 0.3 * amounts, 2 * (150 / 331) * amounts  # shift: [-1, 1] is 2 wide
     matrices[:, 0, 1] += torch.where(ops == _OP["shear_x"], shear, 0)
     matrices[:, 1, 0] += torch.where(ops == _OP["shear_y"], shear, 0)
     matrices[:, 0, 2] += torch.where(ops == _OP["translate_x"], shift, 0)
     matrices[:, 1, 2] += torch.where(ops == _OP["translate_y"], shift, 0)
-    angle = torch.where(ops == _OP["rotate"], math.radians(30 * strength) * signs, 0)
+    angle = torch.where(ops == _OP["rotate"], math.radians(30) * amounts, 0)
     rotation = torch.stack([torch.stack([angle.cos(), -angle.sin()], -1), torch.stack([angle.sin(), angle.cos()], -1)],
                            -2)  # (batch, 2, 2)
     matrices[:, :2, :2] = rotation @ matrices[:, :2, :2]
     return matrices
 
 
-def colour_ops(images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor,
-               magnitude: int = RANDAUGMENT_MAGNITUDE) -> torch.Tensor:
-    """One colour op per image (RandAugment's, at `magnitude` of 30), chosen by `ops`; images (B, 3, H, W) in [0, 1].
+def colour_ops(images: torch.Tensor, ops: torch.Tensor, amounts: torch.Tensor) -> torch.Tensor:
+    """One colour op per image, chosen by `ops`, by its `amounts` (B,): the signed share of the op's largest change
+    (RandAugment at magnitude M: +-M / 30); images (B, 3, H, W) in [0, 1].
 
     Brightness, color, contrast and sharpness are PIL's ImageEnhance: blend the image with a "degenerate"
-    version (black, gray, mean gray, blurred) by a factor 1 +- 0.9 x magnitude / 30 (1 +- 0.27 at 9); one blend
-    serves all four. Posterize keeps 8 - round(magnitude / 7.5) bits (7 at 9), solarize inverts from 1 - magnitude / 30.
-    Autocontrast and equalize take no magnitude. Every op is computed for the whole batch and kept where chosen:
+    version (black, gray, mean gray, blurred) by a factor 1 + 0.9 x amount (1 +- 0.27 at magnitude 9); one blend
+    serves all four. Posterize keeps 8 - round(4 x |amount|) bits (7 at 9), solarize inverts from 1 - |amount|.
+    Autocontrast and equalize take no amount. Every op is computed for the whole batch and kept where chosen:
     asking which images chose it would make the GPU wait for the answer.
     """
-    strength = op_strength(magnitude)
-    dropped_bits = round(4 * strength)  # torchvision's 8 - (bin / 7.5).round(); never a tie for a whole bin
+    strength = amounts.abs().view(-1, 1, 1, 1)
+    # torchvision's 8 - (bin / 7.5).round() bits at RandAugment's magnitude bin: never a tie for a whole bin
+    dropped_bits = (4 * strength).round()
 
     def chosen(name: str) -> torch.Tensor:
         return (ops == _OP[name]).view(-1, 1, 1, 1)
@@ -245,15 +247,16 @@ def colour_ops(images: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor,
     degenerate = torch.where(chosen("color"), gray, degenerate)
     degenerate = torch.where(chosen("contrast"), gray.mean(dim=(1, 2, 3), keepdim=True), degenerate)
     degenerate = torch.where(chosen("sharpness"), blurred, degenerate)
-    factor = (1 + 0.9 * strength * signs).view(-1, 1, 1, 1)
+    factor = (1 + 0.9 * amounts).view(-1, 1, 1, 1)
     out = (degenerate + factor * (images - degenerate)).clamp(0, 1)  # the other ops: degenerate is the image
-    if dropped_bits:  # else posterize keeps all 8 bits: the image as it is
-        # Clear the low bits: steps of 2^dropped_bits pixel values. A whole pixel value (a shifted crop copies them)
-        # can come out of the float arithmetic a hair below itself, and a bare floor would then take it down a whole
-        # step: the 1e-3 of a step keeps it. (Rounding to whole values first would put a threshold at every half
-        # value, where interpolation between two pixels often lands, and rounding error would decide the side.)
-        step = 2 ** dropped_bits
-        out = torch.where(chosen("posterize"), torch.floor(images * (255 / step) + 1e-3) * step / 255, out)
+    # Posterize clears the low bits: steps of 2^dropped_bits pixel values; with none dropped, the image as it is. A
+    # whole pixel value (a shifted crop copies them) can come out of the float arithmetic a hair below itself, and a
+    # bare floor would then take it down a whole step: the 1e-3 of a step keeps it. (Rounding to whole values first
+    # would put a threshold at every half value, where interpolation between two pixels often lands, and rounding
+    # error would decide the side.)
+    step = 2 ** dropped_bits
+    posterized = torch.floor(images * (255 / step) + 1e-3) * step / 255
+    out = torch.where(chosen("posterize") & (dropped_bits > 0), posterized, out)
     out = torch.where(chosen("solarize") & (images >= 1 - strength), 1 - images, out)
     low, high = images.amin(dim=(2, 3), keepdim=True), images.amax(dim=(2, 3), keepdim=True)
     stretched = (images - low) / (high - low).clamp(min=1 / 255)
@@ -383,7 +386,8 @@ class DeviceAugment:
     def draw(self, count: int, generator: torch.Generator | None, size: int, device) -> tuple | None:
         """The random parameters of `count` images of `size` px: drawn on the CPU, sent to `device` in at most three
         copies. (matrices (1 or 3, count, 3, 3): the crops, then the strong policy's two geometric ops;
-        ops_and_signs (2, 2, count) or None: its two ops and their signs, as floats; boxes (count, 4) or None: the
+        ops_and_amounts (2, 2, count) or None: its two ops, as floats, and their amounts (signed shares of each op's
+        largest change: `colour_ops`); boxes (count, 4) or None: the
         boxes to erase); None for policy "none". Nothing is drawn for erasing when it is off, so the other draws
         are the same as without it.
 
@@ -400,8 +404,9 @@ class DeviceAugment:
             return send(crops.unsqueeze(0), device), None, self._boxes(count, generator, size, device)
         ops = torch.randint(len(RANDAUGMENT_OPS), (2, count), generator=generator)
         signs = torch.where(torch.rand(2, count, generator=generator) < 0.5, -1.0, 1.0)
-        matrices = torch.stack([crops, *(geometric_op_matrices(ops[i], signs[i], self.magnitude) for i in range(2))])
-        return (send(matrices, device), send(torch.stack([ops.float(), signs]), device),  # (3, N, 3, 3), (2, 2, N)
+        amounts = signs * op_strength(self.magnitude)
+        matrices = torch.stack([crops, *(geometric_op_matrices(ops[i], amounts[i]) for i in range(2))])
+        return (send(matrices, device), send(torch.stack([ops.float(), amounts]), device),  # (3, N, 3, 3), (2, 2, N)
                 self._boxes(count, generator, size, device))
 
     def _boxes(self, count: int, generator: torch.Generator | None, size: int, device) -> torch.Tensor | None:
@@ -414,12 +419,11 @@ class DeviceAugment:
             self.mean, self.std = send(self.mean, device), send(self.std, device)
         if draws is None:
             return augment_on_device(images, None, None, self.mean, self.std)
-        matrices, ops_and_signs, boxes = draws
+        matrices, ops_and_amounts, boxes = draws
         shifted = self.padding is not None
         if self.compiled is not None:
             try:
-                out = self.compiled(images, matrices, ops_and_signs, self.mean, self.std, shifted, self.magnitude,
-                                    boxes)
+                out = self.compiled(images, matrices, ops_and_amounts, self.mean, self.std, shifted, boxes)
             except Exception as error:
                 if self._compiled_ran or isinstance(error, torch.OutOfMemoryError):
                     raise  # not the compiler's doing: the plain version would fail the same way
@@ -429,27 +433,26 @@ class DeviceAugment:
             else:
                 self._compiled_ran = True
                 return out
-        return augment_on_device(images, matrices, ops_and_signs, self.mean, self.std, shifted, self.magnitude,
-                                 boxes)
+        return augment_on_device(images, matrices, ops_and_amounts, self.mean, self.std, shifted, boxes)
 
 
 def draws_slice(draws: tuple | None, start: int, stop: int) -> tuple | None:
     """Images start to stop of `DeviceAugment.draw`'s parameters: views, no copy and no kernel."""
     if draws is None:
         return None
-    matrices, ops_and_signs, boxes = draws
-    return (matrices[:, start:stop], None if ops_and_signs is None else ops_and_signs[..., start:stop],
+    matrices, ops_and_amounts, boxes = draws
+    return (matrices[:, start:stop], None if ops_and_amounts is None else ops_and_amounts[..., start:stop],
             None if boxes is None else boxes[start:stop])
 
 
-def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_and_signs: torch.Tensor | None,
+def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_and_amounts: torch.Tensor | None,
                       mean: torch.Tensor, std: torch.Tensor, shifted: bool = False,
-                      magnitude: int = RANDAUGMENT_MAGNITUDE, boxes: torch.Tensor | None = None) -> torch.Tensor:
+                      boxes: torch.Tensor | None = None) -> torch.Tensor:
     """`DeviceAugment`'s arithmetic on the device: uint8 `images` (B, 3, S, S) -> float32, resampled through
     `matrices` ((1 or 3, B, 3, 3): the crops, then the two geometric ops; None: no resampling; `shifted`: the
     crops are whole-pixel shifts, applied exactly by `shift_and_flip` before the ops resample), recoloured by
-    `ops_and_signs` ((2, 2, B): the strong policy's two ops and their signs, as floats; None: none) at `magnitude`
-    (the geometric ops' is in their matrices already), normalised, and with `boxes` ((B, 4) or None) erased."""
+    `ops_and_amounts` ((2, 2, B): the strong policy's two ops, as floats, and their amounts; None: none; the
+    geometric ops' are in their matrices already), normalised, and with `boxes` ((B, 4) or None) erased."""
     x = images.float().div_(255)
     if matrices is not None:
         if shifted:
@@ -458,9 +461,9 @@ def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_a
                 x = warp(x, torch.eye(3, device=x.device).expand(len(x), 3, 3), tuple(matrices[1:]))
         else:
             x = warp(x, matrices[0], tuple(matrices[1:]))
-    if ops_and_signs is not None:
-        ops, signs = ops_and_signs[0].long(), ops_and_signs[1]
-        x = colour_ops(colour_ops(x, ops[0], signs[0], magnitude), ops[1], signs[1], magnitude)
+    if ops_and_amounts is not None:
+        ops, amounts = ops_and_amounts[0].long(), ops_and_amounts[1]
+        x = colour_ops(colour_ops(x, ops[0], amounts[0]), ops[1], amounts[1])
     x = (x - mean) / std
     return x if boxes is None else erase(x, boxes)
 
