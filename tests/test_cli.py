@@ -135,6 +135,8 @@ def one_error_line(capsys) -> str:
     (["--drop-path", "1"], "argument --drop-path: expected a number from 0 up to, not including, 1, got '1'"),
     (["--augment", "basic", "--augment-magnitude", "27"], "--augment-magnitude sets RandAugment's strength, and this "
                                                           "run does not use RandAugment: add --augment strong"),
+    (["--augment", "autoaugment", "--augment-magnitude", "27"], "--augment-magnitude sets RandAugment's strength, "
+                                                                "and this run does not use RandAugment"),
     (["--random-erasing", "1.5"], "argument --random-erasing: expected a number from 0 to 1, got '1.5'"),
     (["--augment", "none", "--random-erasing", "0.25"], "--random-erasing erases boxes from augmented training "
                                                         "images, and this run does not augment them"),
@@ -242,20 +244,22 @@ def test_an_augmentation_setting_reaches_the_cached_loader_and_cannot_change_on_
     assert main(["train", "--out", str(out), "--resume"]) == 0 and seen == [value, value]
 
 
-def test_random_erasing_reaches_the_plain_loader(tiny_folder, tmp_path, monkeypatch):
+def test_autoaugment_and_random_erasing_reach_the_plain_loader(tiny_folder, tmp_path, monkeypatch):
     from vit_helpers import data
 
     seen, make = [], data.make_dataloaders
 
     def recording(*args, **kwargs):
         loaders = make(*args, **kwargs)
-        seen.extend(t.p for t in loaders[0].dataset.transform.transforms if type(t).__name__ == "RandomErasing")
+        seen.extend(type(t).__name__ for t in loaders[0].dataset.transform.transforms)
         return loaders
 
     monkeypatch.setattr(data, "make_dataloaders", recording)
-    assert main(train_args(tiny_folder, tmp_path / "plain", "--augment", "strong", "--random-erasing", "0.5",
+    assert main(train_args(tiny_folder, tmp_path / "plain", "--augment", "autoaugment", "--random-erasing", "0.5",
                            "--no-cached", "--epochs", "1")) == 0
-    assert seen == [0.5]
+    assert "AutoAugment" in seen and seen[-1] == "RandomErasing"
+    settings = json.loads((tmp_path / "plain" / "metrics.json").read_text())["settings"]
+    assert (settings["augment"], settings["random_erasing"]) == ("autoaugment", 0.5)
 
 
 def test_drop_path_reaches_the_model_overrides_a_recipe_and_cannot_change_on_resume(tiny_folder, tmp_path,

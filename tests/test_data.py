@@ -295,6 +295,83 @@ def test_the_device_policy_draws_torchvisions_randaugment_ops():
     assert len(counts) == 14 and counts.min() > 1800 and counts.max() < 2200  # 2,000 each expected, sd 43
 
 
+def test_autoaugment_reaches_both_loaders(tmp_path):
+    """augment="autoaugment": torchvision's AutoAugment with its CIFAR-10 policy on the CPU path, the device's
+    version of it in the cached loaders; the test transform as ever."""
+    from torchvision.transforms import v2
+
+    root = make_tree(tmp_path / "tree")
+    train, test, _ = make_dataloaders(root, image_size=8, batch_size=4, augment="autoaugment", num_workers=0)
+    policies = [t.policy for t in train.dataset.transform.transforms if isinstance(t, v2.AutoAugment)]
+    assert policies == [v2.AutoAugmentPolicy.CIFAR10]
+    assert repr(test.dataset.transform) == repr(data.build_transforms(8, augment=False)[1])
+    cached, cached_test, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu", augment="autoaugment")
+    assert (cached.augment.policy, cached_test.augment.policy) == ("autoaugment", "none")
+    images, labels = next(iter(cached))
+    assert images.shape == (4, 3, 8, 8) and images.dtype == torch.float32 and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="'autoaugment' \\(AutoAugment's CIFAR-10 policy\\), got 'auto'"):
+        make_dataloaders(root, image_size=8, batch_size=4, augment="auto", num_workers=0)
+
+
+def test_device_autoaugment_draws_torchvisions_cifar10_policy():
+    """One of the policy's 25 pairs per image, each op applied with its probability at its bin's strength (bin / 9
+    of the op's largest change), signed ops with either sign: read from torchvision's table, and drawn so."""
+    from torchvision.transforms import v2
+
+    policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)._policies
+    ops, probabilities, amounts, signed = gpu_data.autoaugment_table()
+    assert [[gpu_data.DEVICE_OPS[op].replace("_", "") for op in pair] for pair in ops.tolist()] == [
+        [name.lower() for name, _, _ in pair] for pair in policy]
+    torch.testing.assert_close(probabilities, torch.tensor([[p for _, p, _ in pair] for pair in policy]))
+    torch.testing.assert_close(amounts, torch.tensor([[(level or 0) / 9 for _, _, level in pair] for pair in policy]))
+    count, identity = 50000, gpu_data.DEVICE_OPS.index("identity")
+    _, ops_and_amounts, _ = gpu_data.DeviceAugment("autoaugment").draw(count, torch.Generator().manual_seed(0), 32,
+                                                                       "cpu")
+    drawn_ops, drawn_amounts = ops_and_amounts[0].long(), ops_and_amounts[1]
+    for slot in range(2):
+        expected = torch.zeros(len(gpu_data.DEVICE_OPS))
+        expected.index_add_(0, ops[:, slot], probabilities[:, slot] / len(policy))  # each pair 1/25 of the time
+        expected[identity] += 1 - expected.sum()  # an op not applied leaves the image as it is
+        share = torch.bincount(drawn_ops[slot], minlength=len(expected)) / count
+        torch.testing.assert_close(share, expected, rtol=0, atol=0.006)  # standard errors of 0.002 at most
+    for op in ops.unique().tolist():
+        levels = amounts[ops == op].unique()
+        drawn = drawn_amounts[drawn_ops == op].abs()
+        assert torch.isclose(drawn[:, None], levels[None]).any(1).all(), gpu_data.DEVICE_OPS[op]  # its bins only
+    is_signed = torch.zeros(len(gpu_data.DEVICE_OPS), dtype=torch.bool)
+    is_signed[ops[signed]] = True
+    negative = (drawn_amounts < 0)[is_signed[drawn_ops]].float().mean()
+    assert 0.47 < negative < 0.53 and not (drawn_amounts < 0)[~is_signed[drawn_ops]].any()
+
+
+def test_device_autoaugment_colour_ops_equal_torchvisions_at_every_strength_of_the_policy():
+    """Each colour op of the CIFAR-10 policy at each bin it uses, with each sign, is torchvision's AutoAugment op:
+    its own code (`_apply_image_or_video_transform`), on float images or, for posterize and equalize, which work
+    on uint8 values, on the same pixels as uint8."""
+    from torchvision.transforms import v2
+
+    augment = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    pixels = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pixels[:, :, :6] //= 4  # uneven histograms, for equalize to change something
+    images = pixels.float() / 255
+    colour = ("Brightness", "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
+              "Invert")
+    used = sorted({(name, level or 0) for pair in augment._policies for name, _, level in pair if name in colour})
+    assert {name for name, _ in used} == set(colour)
+    for name, level in used:
+        strengths, signed = augment._AUGMENTATION_SPACE[name]
+        for sign in (1.0, -1.0) if signed else (1.0,):
+            values = strengths(10, 12, 12)
+            magnitude = 0.0 if values is None else float(values[level]) * sign
+            as_uint8 = name in ("Posterize", "Equalize")
+            reference = augment._apply_image_or_video_transform(pixels if as_uint8 else images, name, magnitude,
+                                                                augment.interpolation, augment._fill)
+            reference = reference.float() / 255 if as_uint8 else reference
+            ops = torch.full((4,), gpu_data.DEVICE_OPS.index(name.lower()))
+            actual = gpu_data.colour_ops(images, ops, torch.full((4,), sign * level / 9))
+            torch.testing.assert_close(actual, reference, rtol=0, atol=1e-5, msg=f"{name} bin {level} {sign:+}")
+
+
 @pytest.mark.parametrize("magnitude", [9, 27])
 def test_cached_strong_geometric_ops_equal_torchvisions_affine_at_randaugments_magnitudes(magnitude):
     """At magnitude 9 of 30: shear 0.09, translation 150/331 x 30% of the side, rotation 9 degrees, as torchvision's
@@ -819,7 +896,7 @@ def test_basic_device_crops_never_blend_in_black_at_the_border():
 
 
 @pytest.mark.parametrize("policy, crop", [("basic", {"scale": (0.5, 1.0)}), ("strong", {"scale": (0.5, 1.0)}),
-                                          ("strong", {"padding": 4, "erasing": 0.5})])
+                                          ("strong", {"padding": 4, "erasing": 0.5}), ("autoaugment", {"padding": 4})])
 def test_compiled_device_augmentation_equals_the_plain_one(policy, crop):
     """DeviceAugment(compile=True): the same draws and the same images to float rounding (here torch.compile's CPU
     backend; on a GPU, tests/test_cuda.py compares it with the CPU's plain version)."""

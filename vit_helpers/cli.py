@@ -123,7 +123,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MixUp on every batch with Beta(ALPHA, ALPHA) weights (0: off, the default)")
     parser.add_argument("--cutmix", dest="cutmix_alpha", type=float, metavar="ALPHA",
                         help="CutMix on every batch (0: off); with --mixup too, each batch gets one of the two")
-    parser.add_argument("--augment", choices=("none", "basic", "strong"))
+    parser.add_argument("--augment", choices=("none", "basic", "strong", "autoaugment"),
+                        help="training augmentation: none; basic (random crop and flip); strong (+ RandAugment); "
+                             "autoaugment (+ AutoAugment's CIFAR-10 policy, as the published CIFAR-10 ViT recipes)")
     parser.add_argument("--augment-magnitude", type=int, metavar="M",
                         help="with --augment strong: RandAugment's strength on torchvision's scale, 0-30 (default 9, "
                              "a third of each op's range; DeiT's rand-m9 is 27)")

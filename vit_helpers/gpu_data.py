@@ -10,6 +10,8 @@ each epoch then only gathers rows, and the augmentation runs on the device in ba
     augment="strong"                        + two RandAugment-style ops per image at augment_magnitude (9 of 30
                                               by default; geometric ops join the grid, colour ops are masked
                                               tensor ops)
+    augment="autoaugment"                   or AutoAugment's CIFAR-10 policy: one of its 25 pairs of ops per
+                                              image, each op applied with its probability at its strength
     random_erasing=p                        + a box erased from that share of the images (torchvision's
                                               RandomErasing boxes, one mask for the batch)
 
@@ -22,8 +24,9 @@ The stored images are the test transform's resize and centre crop, so test batch
 Training crops are taken from that square, where the plain loader crops the full image: the sides of a wide photo
 that the centre crop cut off are never seen here. The crops are otherwise torchvision's RandomResizedCrop (area and
 aspect ratio drawn up to 10 times until the crop fits, else the whole square), though not rounded to whole pixels.
-The strong policy draws from torchvision's 14 RandAugment ops, each with its probability. The differences from
-torchvision's RandAugment, small for training:
+The strong policy draws from torchvision's 14 RandAugment ops, each with its probability; the autoaugment policy
+from torchvision's own table of AutoAugment's CIFAR-10 policy. The differences from torchvision's, small for
+training:
 - the colour ops run after all geometric ones whatever order they were drawn in, and act on interpolated values
   rather than on uint8 pixels;
 - crop, flip and geometric ops are one bilinear resampling of the stored square (torchvision resamples twice, the
@@ -46,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler, Sampler
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
@@ -157,7 +161,27 @@ def _build_caches(root: Path, image_size: int, cache_dir: Path) -> dict[str, dic
 # the centre rather than the top-left corner; equalize is torchvision's own function, which takes a batch.
 RANDAUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
                    "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
-_OP = {name: index for index, name in enumerate(RANDAUGMENT_OPS)}
+#: Every op the device applies: RandAugment's, and invert, which only AutoAugment uses.
+DEVICE_OPS = (*RANDAUGMENT_OPS, "invert")
+_OP = {name: index for index, name in enumerate(DEVICE_OPS)}
+#: AutoAugment counts each op's strength in 10 bins, 0 to 9, up to the same largest changes as RandAugment's.
+AUTOAUGMENT_BINS = 10
+
+
+@functools.cache
+def autoaugment_table() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AutoAugment's CIFAR-10 policy (Cubuk et al. 2019), read from torchvision's own table: 25 pairs of
+    (op, probability, strength bin). As tensors (25, 2): the ops (indices into DEVICE_OPS), their probabilities,
+    their amounts (the share of the op's largest change, bin / 9; 0 for ops without one) and whether they are signed
+    (drawn with a random sign, as torchvision does)."""
+    space = v2.AutoAugment._AUGMENTATION_SPACE  # name -> (strengths for num_bins, signed)
+    policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)._policies  # [((name, p, bin), (name, p, bin)), ...]
+    index = {name.replace("_", ""): number for name, number in _OP.items()}  # "shear_x" -> "shearx", as "ShearX"
+    ops = [[index[name.lower()] for name, _, _ in pair] for pair in policy]
+    probabilities = [[p for _, p, _ in pair] for pair in policy]
+    amounts = [[0.0 if level is None else level / (AUTOAUGMENT_BINS - 1) for _, _, level in pair] for pair in policy]
+    signed = [[space[name][1] for name, _, _ in pair] for pair in policy]
+    return torch.tensor(ops), torch.tensor(probabilities), torch.tensor(amounts), torch.tensor(signed)
 
 
 def op_strength(magnitude: int) -> float:
@@ -228,7 +252,7 @@ def colour_ops(images: torch.Tensor, ops: torch.Tensor, amounts: torch.Tensor) -
     Brightness, color, contrast and sharpness are PIL's ImageEnhance: blend the image with a "degenerate"
     version (black, gray, mean gray, blurred) by a factor 1 + 0.9 x amount (1 +- 0.27 at magnitude 9); one blend
     serves all four. Posterize keeps 8 - round(4 x |amount|) bits (7 at 9), solarize inverts from 1 - |amount|.
-    Autocontrast and equalize take no amount. Every op is computed for the whole batch and kept where chosen:
+    Autocontrast, equalize and invert take no amount. Every op is computed for the whole batch and kept where chosen:
     asking which images chose it would make the GPU wait for the answer.
     """
     strength = amounts.abs().view(-1, 1, 1, 1)
@@ -263,6 +287,7 @@ def colour_ops(images: torch.Tensor, ops: torch.Tensor, amounts: torch.Tensor) -
     # A channel flat to within half a uint8 step stays as it is, as a flat uint8 channel does in torchvision;
     # "high > low" would stretch the rounding noise of interpolation (1e-7) into black and white.
     out = torch.where(chosen("autocontrast") & (high - low >= 0.5 / 255), stretched, out)
+    out = torch.where(chosen("invert"), 1 - images, out)
     # torchvision's equalize takes a batch: a histogram per image and channel, of the values rounded down to uint8.
     # Clamped first: interpolation can give 1 + 1e-7, which would turn into 256, and wrap round to 0, in uint8.
     return torch.where(chosen("equalize"), TF.equalize(images.clamp(0, 1)), out)
@@ -355,10 +380,10 @@ def erase(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 
 class DeviceAugment:
-    """uint8 (B, 3, S, S) on any device -> float32 normalised, augmented with `policy` ("none", "basic", "strong").
-    Random numbers come from a CPU generator, so results depend on (seed, epoch), not on the device. The crops are
-    random resized crops keeping a `scale` share of the area, or with `padding` = P shifts of up to P pixels
-    (`data.build_transforms`). `erasing` > 0: then a box erased from that share of the images, after
+    """uint8 (B, 3, S, S) on any device -> float32 normalised, augmented with `policy` ("none", "basic", "strong",
+    "autoaugment"). Random numbers come from a CPU generator, so results depend on (seed, epoch), not on the
+    device. The crops are random resized crops keeping a `scale` share of the area, or with `padding` = P shifts of
+    up to P pixels (`data.build_transforms`). `erasing` > 0: then a box erased from that share of the images, after
     normalisation (`erasing_boxes`: torchvision's RandomErasing, as `data.build_transforms` uses it).
 
     `compile=True` runs the device part (resampling, colour ops, normalisation) through `torch.compile`: a few
@@ -400,11 +425,20 @@ class DeviceAugment:
         device = torch.device(device)
         crops = (shifted_crop_flip_matrices(count, generator, self.padding, size) if self.padding is not None
                  else crop_flip_matrices(count, generator, self.scale))
-        if self.policy != "strong":
+        if self.policy == "basic":
             return send(crops.unsqueeze(0), device), None, self._boxes(count, generator, size, device)
-        ops = torch.randint(len(RANDAUGMENT_OPS), (2, count), generator=generator)
-        signs = torch.where(torch.rand(2, count, generator=generator) < 0.5, -1.0, 1.0)
-        amounts = signs * op_strength(self.magnitude)
+        if self.policy == "strong":
+            ops = torch.randint(len(RANDAUGMENT_OPS), (2, count), generator=generator)
+            signs = torch.where(torch.rand(2, count, generator=generator) < 0.5, -1.0, 1.0)
+            amounts = signs * op_strength(self.magnitude)
+        else:  # autoaugment: one pair of the policy per image, each op applied with its probability
+            table = autoaugment_table()
+            pair = torch.randint(len(table[0]), (count,), generator=generator)
+            table_ops, probabilities, table_amounts, signed = (part[pair].T for part in table)  # each (2, count)
+            applied = torch.rand(2, count, generator=generator) < probabilities
+            signs = torch.where(torch.rand(2, count, generator=generator) < 0.5, -1.0, 1.0)
+            ops = torch.where(applied, table_ops, _OP["identity"])
+            amounts = torch.where(applied, table_amounts * torch.where(signed, signs, 1.0), 0.0)
         matrices = torch.stack([crops, *(geometric_op_matrices(ops[i], amounts[i]) for i in range(2))])
         return (send(matrices, device), send(torch.stack([ops.float(), amounts]), device),  # (3, N, 3, 3), (2, 2, N)
                 self._boxes(count, generator, size, device))

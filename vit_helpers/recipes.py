@@ -34,7 +34,9 @@ class Recipe:
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.0  # > 0: MixUp on each batch (TrainConfig.mixup_alpha)
     cutmix_alpha: float = 0.0  # > 0: CutMix; with both, one of the two per batch
-    augment: bool | str = True  # True/"basic": random resized crop + flip; "strong": + RandAugment; False: none
+    # True/"basic": random resized crop + flip; "strong": + RandAugment; "autoaugment": + AutoAugment's CIFAR-10
+    # policy; False: none
+    augment: bool | str = True
     augment_magnitude: int = RANDAUGMENT_MAGNITUDE  # "strong": RandAugment's strength, 0-30 (DeiT's m9 is 27)
     random_erasing: float = 0.0  # the share of training images with a box erased (DeiT's: 0.25)
     crop_scale: tuple[float, float] | None = None  # the random crops' share of the area; None: data.RANDOM_CROP_SCALE
