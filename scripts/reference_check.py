@@ -12,9 +12,14 @@
     python scripts/reference_check.py --cifar-archive ../shared/data/cifar10-jpeg.tar.gz   # 1,000 + 500 per class
     python scripts/reference_check.py --data FOLDER --runs ours,reference --epochs 12 --seed 1
     python scripts/reference_check.py --smoke                                               # seconds, a tiny tree
+    python3 scripts/reference_check.py --cifar-archive .bench_data/cifar10-jpeg.tar.gz --per-class 5000 1000 \
+        --device cuda --workers 12 --runs ours-from-reference,reference --epochs 40          # the full set, a GPU
 
 Augmentation: CIFAR's shifted crops (4 pixels) and flips. Each run prints its accuracies after every epoch, and a
-table at the end; --json saves the histories. On 2 CPU cores a run of the default size takes about 13 minutes.
+table at the end; --json saves the histories. On 2 CPU cores a run of the default size takes about 13 minutes. On a
+GPU (--device cuda) every run trains in float32 (TF32 matrix products, which our engine turns on there) and
+uncompiled, ours as the plain loop does, so that only the engine differs: a check at full size of whether our engine
+holds a long run back, not a measure of its speed.
 What it measured is in BENCHMARKS.md ("Which initialisation").
 """
 
@@ -63,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "6-layer ViT-Ti: 192 6 3 384)")
     parser.add_argument("--seed", type=int, default=0, help="the weights' seed; the data order's is 42 + seed")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every run trains")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="the reference's DataLoader processes, which decode and augment the files (default 0)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, 2 epochs, on a tree of 8 + 4 images a "
                         "class made here: tests the script")
     parser.add_argument("--json", type=Path, help="save the histories here")
@@ -104,7 +112,7 @@ def timm_vit(args) -> nn.Module:
 
 def train_ours(args, folder: Path, run: str) -> list[dict]:
     train_loader, test_loader, classes = make_cached_loaders(
-        folder, image_size=32, batch_size=args.batch_size, device="cpu", augment="basic", crop_padding=4,
+        folder, image_size=32, batch_size=args.batch_size, device=args.device, augment="basic", crop_padding=4,
         seed=42 + args.seed, cache_dir=args.work_dir / "reference_check_cache")
     dim, layers, heads, mlp_dim = args.model
     torch.manual_seed(args.seed)
@@ -112,8 +120,8 @@ def train_ours(args, folder: Path, run: str) -> list[dict]:
         "ViT-Ti/4", embed_dim=dim, num_layers=layers, num_heads=heads, mlp_dim=mlp_dim, image_size=32,
         num_classes=len(classes), init="timm" if run == "ours-timm-init" else "official"))
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                         warmup_epochs=1, label_smoothing=0.1, clip_norm=1.0, device="cpu", compile=False,
-                         seed=42 + args.seed)
+                         warmup_epochs=1, label_smoothing=0.1, clip_norm=1.0, device=args.device, compile=False,
+                         amp=False, seed=42 + args.seed)  # float32, uncompiled: as the reference's loop
     return fit(model, train_loader, test_loader, config=config, class_names=classes)  # a bar, a line per epoch
 
 
@@ -127,9 +135,10 @@ def train_reference(args, folder: Path) -> list[dict]:
     train_set = ImageFolder(folder / "train", T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
                                                          T.ToTensor(), normalise]))
     test_set = ImageFolder(folder / "test", T.Compose([T.ToTensor(), normalise]))
-    train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, shuffle=True, drop_last=True)
-    test_loader = torch.utils.data.DataLoader(test_set, 500)
-    model = timm_vit(args)
+    loading = dict(num_workers=args.workers, pin_memory=args.device != "cpu")
+    train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, shuffle=True, drop_last=True, **loading)
+    test_loader = torch.utils.data.DataLoader(test_set, 500, **loading)
+    model = timm_vit(args).to(args.device)
     # No weight decay on LayerNorms, biases, the class token and the position embeddings, as DeiT and timm
     decays = {name: parameter.ndim > 1 and name not in ("cls_token", "pos_embed")
               for name, parameter in model.named_parameters()}
@@ -146,6 +155,7 @@ def train_reference(args, folder: Path) -> list[dict]:
         started, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
         model.train()
         for images, labels in train_loader:
+            images, labels = images.to(args.device, non_blocking=True), labels.to(args.device, non_blocking=True)
             logits = model(images)
             loss = loss_fn(logits, labels)
             optimizer.zero_grad()
@@ -160,7 +170,7 @@ def train_reference(args, folder: Path) -> list[dict]:
         with torch.no_grad():
             for images, labels in test_loader:
                 test_seen, test_correct = test_seen + len(labels), test_correct + (
-                    model(images).argmax(1) == labels).sum().item()
+                    model(images.to(args.device)).argmax(1).cpu() == labels).sum().item()
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                         "test_accuracy": test_correct / test_seen, "seconds": time.perf_counter() - started})
         print(f"  epoch {epoch + 1}: test accuracy {history[-1]['test_accuracy']:.4f}", flush=True)
@@ -170,6 +180,8 @@ def train_reference(args, folder: Path) -> list[dict]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda":  # what `fit` sets there, for the reference's loop too
+        torch.set_float32_matmul_precision("high")
     if args.smoke:
         folder = smoke_tree(args.work_dir / "reference_check_smoke")
     elif args.data is not None:

@@ -24,8 +24,8 @@ def reference_check():
 
 
 def test_every_run_trains_on_the_same_images_and_the_histories_are_saved(reference_check, tmp_path, capsys):
-    results = reference_check.main(["--smoke", "--threads", "1", "--work-dir", str(tmp_path),
-                                    "--json", str(tmp_path / "out.json")])
+    results = reference_check.main(["--smoke", "--threads", "1", "--work-dir", str(tmp_path), "--device", "cpu",
+                                    "--workers", "1", "--json", str(tmp_path / "out.json")])
     assert json.loads((tmp_path / "out.json").read_text())["runs"].keys() == set(reference_check.RUNS)
     for run in reference_check.RUNS:
         history = results["runs"][run]["history"]
