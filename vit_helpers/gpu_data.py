@@ -6,7 +6,7 @@ each epoch then only gathers rows, and the augmentation runs on the device in ba
 
     random resized crop + horizontal flip   one affine sampling grid per image, `F.grid_sample` for the batch
       (or crop_padding=P: shifts of up to P whole pixels, black coming in: CIFAR's usual crop, by indexing, so
-      every pixel is copied as it is; the strong policy's geometric ops then resample the shifted image)
+      every pixel is copied as it is; the policies' geometric ops then resample the shifted image)
     augment="strong"                        + two RandAugment-style ops per image at augment_magnitude (9 of 30
                                               by default; geometric ops join the grid, colour ops are masked
                                               tensor ops)
