@@ -130,8 +130,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --augment strong: RandAugment's strength on torchvision's scale, 0-30 (default 9, "
                              "a third of each op's range; DeiT's rand-m9 is 27)")
     parser.add_argument("--random-erasing", type=fraction, metavar="P",
-                        help="with --augment basic or strong: erase a random box (2-33%% of the area) from this "
-                             "share of the training images, as torchvision's RandomErasing (default 0; DeiT's 0.25)")
+                        help="with --augment basic, strong or autoaugment: erase a random box (2-33%% of the area) "
+                             "from this share of the training images, as torchvision's RandomErasing (default 0; "
+                             "DeiT's 0.25)")
     parser.add_argument("--crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="the random resized crops' share of the image area, e.g. 0.8 1.0 (default: the "
                              "loaders', vit_helpers.data.RANDOM_CROP_SCALE); replaces a recipe's --crop-padding")
@@ -335,7 +336,7 @@ def prepare_run(args):
                              "add --augment strong, or drop --augment-magnitude.")
         if settings["random_erasing"] and _augment_policy(settings["augment"]) == "none":
             raise ValueError("--random-erasing erases boxes from augmented training images, and this run does not "
-                             "augment them: add --augment basic or --augment strong, or drop --random-erasing.")
+                             "augment them: add --augment basic, strong or autoaugment, or drop --random-erasing.")
         checked_erasing(settings["random_erasing"], settings["augment"])
         if settings["compile_augment"] and not settings["cached"]:
             raise ValueError("--compile-augment compiles the cached loaders' augmentation, and this run does not "

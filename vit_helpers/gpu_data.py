@@ -410,11 +410,10 @@ class DeviceAugment:
 
     def draw(self, count: int, generator: torch.Generator | None, size: int, device) -> tuple | None:
         """The random parameters of `count` images of `size` px: drawn on the CPU, sent to `device` in at most three
-        copies. (matrices (1 or 3, count, 3, 3): the crops, then the strong policy's two geometric ops;
-        ops_and_amounts (2, 2, count) or None: its two ops, as floats, and their amounts (signed shares of each op's
-        largest change: `colour_ops`); boxes (count, 4) or None: the
-        boxes to erase); None for policy "none". Nothing is drawn for erasing when it is off, so the other draws
-        are the same as without it.
+        copies. (matrices (1 or 3, count, 3, 3): the crops, then the policy's two geometric ops; ops_and_amounts
+        (2, 2, count) or None: its two ops, as floats, and their amounts (signed shares of each op's largest change:
+        `colour_ops`); boxes (count, 4) or None: the boxes to erase); None for policy "none". Nothing is drawn for
+        erasing when it is off, so the other draws are the same as without it.
 
         A draw costs about 200 small CPU operations whatever the count, plus a little per image: 0.68 ms for 512
         strong resized crops on one core, 7.8 ms for 16,384 (0.24 ms per 512). So `CachedImageLoader` draws many
@@ -485,7 +484,7 @@ def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_a
     """`DeviceAugment`'s arithmetic on the device: uint8 `images` (B, 3, S, S) -> float32, resampled through
     `matrices` ((1 or 3, B, 3, 3): the crops, then the two geometric ops; None: no resampling; `shifted`: the
     crops are whole-pixel shifts, applied exactly by `shift_and_flip` before the ops resample), recoloured by
-    `ops_and_amounts` ((2, 2, B): the strong policy's two ops, as floats, and their amounts; None: none; the
+    `ops_and_amounts` ((2, 2, B): the policy's two ops, as floats, and their amounts; None: none; the
     geometric ops' are in their matrices already), normalised, and with `boxes` ((B, 4) or None) erased."""
     x = images.float().div_(255)
     if matrices is not None:
