@@ -73,12 +73,13 @@ def test_train_with_plain_loaders_and_no_recipe(tiny_folder, tmp_path):
     out = tmp_path / "plain"
     args = ["train", "--data", str(tiny_folder), "--model", "ViT-Ti/16", "--image-size", "16", "--epochs", "1",
             "--batch-size", "16", "--augment", "basic", "--no-cached", "--num-workers", "0", "--out", str(out),
-            "--mixup", "0.4", "--cutmix", "1.0"]
+            "--mixup", "0.4", "--cutmix", "1.0", "--mix-probability", "0.5"]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["cached"] is False and metrics["model_config"]["embed_dim"] == 192
     train_config = load_checkpoint(out / "checkpoint.pt")["train_config"]
-    assert (train_config["mixup_alpha"], train_config["cutmix_alpha"]) == (0.4, 1.0)
+    assert (train_config["mixup_alpha"], train_config["cutmix_alpha"], train_config["mix_probability"]) == \
+        (0.4, 1.0, 0.5)
     assert len(metrics["history"]) == 1
 
 
@@ -118,6 +119,10 @@ def one_error_line(capsys) -> str:
     (["--epochs", "two"], "argument --epochs: expected a whole number of at least 1, got 'two'"),
     (["--recipe", "nope"], "unknown recipe 'nope'"),
     (["--mixup", "-0.2"], "mixup_alpha and cutmix_alpha must be 0 (off) or positive"),
+    (["--mixup", "0.8", "--mix-probability", "0"], "argument --mix-probability: expected a number above 0 and at "
+                                                   "most 1, got '0'"),
+    (["--mix-probability", "0.5"], "--mix-probability sets the share of batches that MixUp or CutMix mixes, and "
+                                   "this run mixes none: add --mixup 0.8 and/or --cutmix 1.0"),
     # Each of these was a traceback (epochs, lr, label smoothing, cpu threads) or silently ignored (patch size,
     # cpu threads and stop-after-epoch 0) before the flags checked their values.
     (["--epochs", "-1"], "argument --epochs: expected a whole number of at least 1, got '-1'"),
@@ -363,9 +368,9 @@ def test_resume_refuses_other_classes_and_fewer_epochs_and_lengthens_a_finished_
     assert "has the classes cyan, magenta, yellow, but this run was trained on blue, green, red" in line
     assert main(["train", "--out", str(out), "--resume", "--epochs", "1"]) == 2
     assert "completed 2 epochs already, more than --epochs 1" in one_error_line(capsys)
-    assert main(["train", "--out", str(out), "--resume", "--mixup", "0.3"]) == 2
+    assert main(["train", "--out", str(out), "--resume", "--mixup", "0.3", "--mix-probability", "0.5"]) == 2
     line = one_error_line(capsys)
-    assert "--mixup cannot change" in line and "--no-compile" in line
+    assert "--mixup, --mix-probability cannot change" in line and "--no-compile" in line
     train_flags = {flag for action in build_parser()._subparsers._group_actions[0].choices["train"]._actions
                    for flag in action.option_strings}
     assert set(re.findall(r"--[a-z-]+", line)) <= train_flags  # every flag it names exists

@@ -165,7 +165,9 @@ def without_timings(history):
     return [{k: v for k, v in record.items() if k not in ("images_per_second", "seconds")} for record in history]
 
 
-@pytest.mark.parametrize("mixing", [{}, {"mixup_alpha": 0.4, "cutmix_alpha": 1.0}], ids=["plain", "mixup+cutmix"])
+@pytest.mark.parametrize("mixing", [{}, {"mixup_alpha": 0.4, "cutmix_alpha": 1.0},
+                                    {"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_probability": 0.5}],
+                         ids=["plain", "mixup+cutmix", "half-mixed"])
 def test_resume_after_one_epoch_equals_two_straight_epochs(tmp_path, mixing):
     config = TrainConfig(lr=3e-3, warmup_epochs=0.5, device="cpu", log_every=4, **mixing)
     straight = fit(tiny_vit(dropout=0.1), *loaders(augment=True), 2, config=config, progress=False,
@@ -237,10 +239,36 @@ def test_mixup_and_cutmix_train_on_soft_targets_and_count_accuracy_on_own_labels
     assert history[-1]["test_accuracy"] >= 0.9  # it still learns the task
 
 
+def test_mix_probability_mixes_that_share_of_the_batches_and_leaves_the_rest_as_they_were():
+    images, labels = torch.rand(8, 3, 16, 16), torch.arange(8) % NUM_CLASSES
+    mix = training.batch_mixer(TrainConfig(mixup_alpha=0.4, cutmix_alpha=1.0, mix_probability=0.25), NUM_CLASSES)
+
+    def mixed_batches(seed: int) -> list[bool]:
+        torch.manual_seed(seed)  # the global RNG, as fit seeds it every epoch
+        pattern = []
+        for _ in range(400):
+            out_images, targets = mix(images, labels)
+            if targets.ndim == 1:  # left alone: the very batch it was given
+                assert out_images is images and targets is labels
+            else:
+                assert targets.shape == (8, NUM_CLASSES)
+            pattern.append(targets.ndim == 2)
+        return pattern
+
+    pattern = mixed_batches(0)
+    assert 60 <= sum(pattern) <= 140  # a quarter of 400 is 100 (sd 8.7): outside this band p < 1e-5
+    assert mixed_batches(0) == pattern  # the same seed, the same batches mixed: resuming stays exact
+    every = training.batch_mixer(TrainConfig(cutmix_alpha=1.0), NUM_CLASSES)  # the default: every batch, as DeiT
+    assert all(every(images, labels)[1].ndim == 2 for _ in range(20))
+
+
 def test_mixing_needs_a_positive_alpha_and_the_number_of_classes():
     assert training.batch_mixer(TrainConfig(), NUM_CLASSES) is None
     with pytest.raises(ValueError, match="must be 0 \\(off\\) or positive"):
         TrainConfig(mixup_alpha=-1.0)
+    for share in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="mix_probability is the share of batches mixed, above 0 and at most 1"):
+            TrainConfig(cutmix_alpha=1.0, mix_probability=share)
     with pytest.raises(ValueError, match="need the number of classes"):
         training.batch_mixer(TrainConfig(cutmix_alpha=1.0), None)
 

@@ -79,6 +79,7 @@ positive_float = _number(float, lambda value: math.isfinite(value) and value > 0
 non_negative_float = _number(float, lambda value: math.isfinite(value) and value >= 0, "a number, 0 or more")
 fraction = _number(float, lambda value: 0 <= value <= 1, "a number from 0 to 1")
 probability = _number(float, lambda value: 0 <= value < 1, "a number from 0 up to, not including, 1")
+share_of_batches = _number(float, lambda value: 0 < value <= 1, "a number above 0 and at most 1")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -123,6 +124,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MixUp on every batch with Beta(ALPHA, ALPHA) weights (0: off, the default)")
     parser.add_argument("--cutmix", dest="cutmix_alpha", type=float, metavar="ALPHA",
                         help="CutMix on every batch (0: off); with --mixup too, each batch gets one of the two")
+    parser.add_argument("--mix-probability", type=share_of_batches, metavar="P",
+                        help="with --mixup or --cutmix: mix only this share of the batches, the rest trained on as "
+                             "they are (default 1, every batch, as DeiT; the small-data ViT recipes mix half)")
     parser.add_argument("--augment", choices=("none", "basic", "strong", "autoaugment"),
                         help="training augmentation: none; basic (random crop and flip); strong (+ RandAugment); "
                              "autoaugment (+ AutoAugment's CIFAR-10 policy, as the published CIFAR-10 ViT recipes)")
@@ -338,6 +342,9 @@ def prepare_run(args):
             raise ValueError("--random-erasing erases boxes from augmented training images, and this run does not "
                              "augment them: add --augment basic, strong or autoaugment, or drop --random-erasing.")
         checked_erasing(settings["random_erasing"], settings["augment"])
+        if args.mix_probability is not None and not (settings["mixup_alpha"] or settings["cutmix_alpha"]):
+            raise ValueError("--mix-probability sets the share of batches that MixUp or CutMix mixes, and this run "
+                             "mixes none: add --mixup 0.8 and/or --cutmix 1.0, or drop --mix-probability.")
         if settings["compile_augment"] and not settings["cached"]:
             raise ValueError("--compile-augment compiles the cached loaders' augmentation, and this run does not "
                              "use them: add --cached (a new run) or --no-compile-augment.")

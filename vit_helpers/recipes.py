@@ -34,6 +34,7 @@ class Recipe:
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.0  # > 0: MixUp on each batch (TrainConfig.mixup_alpha)
     cutmix_alpha: float = 0.0  # > 0: CutMix; with both, one of the two per batch
+    mix_probability: float = 1.0  # the share of batches mixed (TrainConfig.mix_probability)
     # True/"basic": random resized crop + flip; "strong": + RandAugment; "autoaugment": + AutoAugment's CIFAR-10
     # policy; False: none
     augment: bool | str = True

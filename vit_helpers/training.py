@@ -8,7 +8,8 @@ What the paper does, and what we keep:
   (`build_scheduler`, a `LambdaLR`).
 - "global gradient clipping at norm 1": `clip_norm=1.0`.
 - Label smoothing (from DeiT, not the paper) helps when the data set is small; so can MixUp and CutMix
-  (torchvision's, applied to whole batches on the device: `mixup_alpha`, `cutmix_alpha`).
+  (torchvision's, applied to whole batches on the device: `mixup_alpha`, `cutmix_alpha`, to a share
+  `mix_probability` of the batches).
 
 Speed habits, each switched on by default on CUDA: bf16 autocast, fused AdamW, TF32 matmuls, `torch.compile`,
 `non_blocking` copies from pinned memory, and no host-device synchronisation per step (loss and accuracy add up
@@ -65,6 +66,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.0  # > 0: MixUp (Zhang et al. 2018), each batch blended with itself rolled by one
     cutmix_alpha: float = 0.0  # > 0: CutMix (Yun et al. 2019); with both > 0 each batch gets one of the two
+    # The share of batches mixed, the rest trained on as they are: DeiT and timm mix every batch (1.0); the
+    # small-data ViT recipes (e.g. Lee et al. 2021, "Vision Transformer for Small-Size Datasets") half of them.
+    mix_probability: float = 1.0
     clip_norm: float | None = 1.0  # global gradient norm clipping, Appendix B.1
     betas: tuple[float, float] = (0.9, 0.999)
     amp: bool = True  # bf16 autocast on CUDA (never on the CPU, where it is slower)
@@ -79,6 +83,9 @@ class TrainConfig:
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
             raise ValueError(f"mixup_alpha and cutmix_alpha must be 0 (off) or positive, got {self.mixup_alpha} "
                              f"and {self.cutmix_alpha}.")
+        if not 0 < self.mix_probability <= 1:
+            raise ValueError(f"mix_probability is the share of batches mixed, above 0 and at most 1, got "
+                             f"{self.mix_probability}; turn mixing off with mixup_alpha and cutmix_alpha 0.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -315,9 +322,11 @@ def _set_epoch(loader, epoch: int, seed: int) -> None:
 
 def batch_mixer(config: TrainConfig, num_classes: int | None) -> Callable | None:
     """torchvision's MixUp and/or CutMix for whole batches, on the batch's own device; None when both alphas
-    are 0. Called as `images, soft_targets = mixer(images, labels)`: the targets become
-    (batch, num_classes) probabilities, which CrossEntropyLoss takes as they are (label smoothing included).
-    The mixing weights come from the global torch RNG, which `fit` reseeds every epoch: resuming stays exact."""
+    are 0. Called as `images, targets = mixer(images, labels)`: for a mixed batch the targets become
+    (batch, num_classes) probabilities, which CrossEntropyLoss takes as they are (label smoothing included); with
+    `mix_probability` below 1 the other batches come back as they were, class indices and all.
+    The mixing weights and the choice of batches come from the global torch RNG, which `fit` reseeds every epoch:
+    resuming stays exact."""
     if config.mixup_alpha == 0 and config.cutmix_alpha == 0:
         return None
     if not num_classes:
@@ -329,7 +338,8 @@ def batch_mixer(config: TrainConfig, num_classes: int | None) -> Callable | None
         mixers.append(v2.MixUp(alpha=config.mixup_alpha, num_classes=num_classes))
     if config.cutmix_alpha > 0:
         mixers.append(v2.CutMix(alpha=config.cutmix_alpha, num_classes=num_classes))
-    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+    mixer = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+    return mixer if config.mix_probability == 1 else v2.RandomApply([mixer], p=config.mix_probability)
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
