@@ -514,6 +514,25 @@ def test_a_recipe_builds_the_model_and_training_configs_it_names():
     assert on_gpu.train_config().compile_mode == "reduce-overhead"
 
 
+def test_the_cifar10_recipe_is_the_published_runs_model_and_schedule():
+    """omihub777/ViT-CIFAR's 6.3 M-parameter ViT, counted from Eq. 1-4 rather than from our model: per layer the
+    four attention projections and the two MLP layers (each D x D plus a bias, its MLP being D wide) and two
+    LayerNorms; then the patch embedding (4x4x3 -> D), the class token, 65 position embeddings, the final
+    LayerNorm and the 10-class head."""
+    from vit_helpers.recipes import get_recipe
+
+    recipe = get_recipe("cifar10", "cuda")
+    width, tokens = 384, (32 // 4) ** 2 + 1
+    per_layer = 4 * (width * width + width) + 2 * (width * width + width) + 2 * 2 * width
+    expected = 7 * per_layer + (4 * 4 * 3 * width + width) + width + tokens * width + 2 * width + (width * 10 + 10)
+    assert expected == 6_268_810
+    config = recipe.model_config(num_classes=10)
+    assert (config.patch_size, config.num_heads, config.init) == (4, 12, "timm")
+    assert sum(parameter.numel() for parameter in ViT(config).parameters()) == expected
+    assert (recipe.batch_size, recipe.augment, recipe.crop_padding, recipe.crop_scale) == (128, "autoaugment", 4,
+                                                                                           None)
+
+
 def test_a_compiled_model_evaluates_the_last_smaller_batch_with_the_graph_it_has():
     model = tiny_vit()
     nn.init.normal_(model.head.weight)  # a zero head would give every image the same loss
