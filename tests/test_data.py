@@ -249,7 +249,7 @@ def test_random_erasing_reaches_both_loaders_leaves_the_other_draws_alone_and_ba
         with pytest.raises(ValueError, match="random_erasing must be a probability"):
             gpu_data.DeviceAugment("basic", erasing=bad)
     for make in (make_dataloaders, make_cached_loaders):
-        with pytest.raises(ValueError, match="choose augment 'basic' or 'strong', or random_erasing 0"):
+        with pytest.raises(ValueError, match="choose augment 'basic', 'strong' or 'autoaugment', or random_erasing 0"):
             make(root, image_size=8, batch_size=4, augment=False, random_erasing=0.25)
 
 

@@ -212,7 +212,7 @@ def test_recipe_changes_are_parsed_as_the_fields_types(gpu_checks, capsys):
     assert (recipe.augment_magnitude, recipe.random_erasing, recipe.mix_probability) == (27, 0.25, 0.5)
     with pytest.raises(SystemExit):  # checked before any image is unpacked
         gpu_checks.parse_args(["--cifar-set", "augment=false", "--cifar-set", "random_erasing=0.25"])
-    assert "choose augment 'basic' or 'strong', or random_erasing 0" in capsys.readouterr().err
+    assert "choose augment 'basic', 'strong' or 'autoaugment', or random_erasing 0" in capsys.readouterr().err
     config = recipe.model_config(10)  # the dict replaces the recipe's whole: ViT-S/4 with 6 layers
     assert (config.num_layers, config.embed_dim, config.mlp_dim) == (6, 384, 1536)
     with pytest.raises(SystemExit):

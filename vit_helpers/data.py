@@ -326,7 +326,7 @@ def checked_erasing(erasing=0.0, augment: bool | str = True) -> float:
                          f"a box erased (DeiT's is 0.25; 0 turns it off); got {erasing!r}.")
     if erasing and _augment_policy(augment) == "none":
         raise ValueError(f"random_erasing {erasing} erases boxes from augmented training images, and augment is "
-                         f"{augment!r}: choose augment 'basic' or 'strong', or random_erasing 0.")
+                         f"{augment!r}: choose augment 'basic', 'strong' or 'autoaugment', or random_erasing 0.")
     return float(erasing)
 
 
