@@ -437,14 +437,15 @@ def cifar_recipe_and_folder(args, device):
 
 
 def recipe_loaders(recipe, folder: Path, batch_size: int, device, compile_augment: bool):
-    """`make_cached_loaders` for `folder` with the recipe's image size, augmentation (its magnitude, erasing) and
-    crops."""
+    """`make_cached_loaders` for `folder` with the recipe's image size, augmentation (its magnitude, erasing,
+    repeats) and crops."""
     from vit_helpers.gpu_data import make_cached_loaders
 
     return make_cached_loaders(folder, image_size=recipe.image_size, batch_size=batch_size, device=device,
                                augment=recipe.augment, crop_scale=recipe.crop_scale,
                                crop_padding=recipe.crop_padding, augment_magnitude=recipe.augment_magnitude,
-                               random_erasing=recipe.random_erasing, compile_augment=compile_augment)
+                               random_erasing=recipe.random_erasing,
+                               repeated_augmentation=recipe.repeated_augmentation, compile_augment=compile_augment)
 
 
 def recipe_train_config(recipe, args, device, **changes):

@@ -306,6 +306,33 @@ def test_crop_scale_reaches_the_loader_and_resumes_with_the_same_flag(tiny_folde
     assert main(train_args(tiny_folder, tmp_path / "bad", "--crop-scale", "0", "1")) == 2  # one clear line
 
 
+def test_repeated_augmentation_reaches_both_loaders_and_cannot_change_on_resume(tiny_folder, tmp_path,
+                                                                                  monkeypatch, capsys):
+    from vit_helpers import data, gpu_data
+
+    seen = []
+    for module, name in ((gpu_data, "make_cached_loaders"), (data, "make_dataloaders")):
+        def recording(*args, _make=getattr(module, name), **kwargs):
+            loaders = _make(*args, **kwargs)
+            seen.append(getattr(loaders[0].sampler, "repeats", 1))  # the training order's copies per image
+            return loaders
+        monkeypatch.setattr(module, name, recording)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--repeated-augmentation", "2", "--stop-after-epoch", "1")) == 0
+    assert json.loads((out / "metrics.json").read_text())["settings"]["repeated_augmentation"] == 2
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--repeated-augmentation", "3"]) == 2
+    assert "--repeated-augmentation cannot change" in one_error_line(capsys)
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert main(train_args(tiny_folder, tmp_path / "plain", "--repeated-augmentation", "2", "--no-cached",
+                           "--num-workers", "0", "--epochs", "1")) == 0
+    assert seen == [2, 2, 2]  # the cached run, its resume, and the plain loaders
+    capsys.readouterr()  # their progress bars
+    assert main(train_args(tiny_folder, tmp_path / "bad", "--repeated-augmentation", "0")) == 2
+    assert "argument --repeated-augmentation: expected a whole number of at least 1, got '0'" in \
+        one_error_line(capsys)
+
+
 def test_crop_padding_reaches_the_loader_replaces_a_recipes_crop_scale_and_cannot_change_on_resume(
         tiny_folder, tmp_path, monkeypatch, capsys):
     import dataclasses

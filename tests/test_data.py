@@ -102,6 +102,55 @@ def test_train_order_is_a_function_of_seed_and_epoch_and_augment_false_is_determ
     assert torch.equal(images[0], test_transform(data.load_rgb(train.dataset.samples[order[0]][0])))
 
 
+def test_repeated_augmentation_shows_a_kth_of_the_images_k_times_in_an_epoch_of_the_usual_length():
+    plain = data.training_sampler(range(10), seed=1, num_replicas=1, rank=0)
+    one = data.training_sampler(range(10), seed=1, repeats=3, num_replicas=1, rank=0)
+    assert isinstance(one, data.RepeatedAugmentationSampler) and type(plain) is data.DistributedSampler
+    for epoch in (0, 1):
+        one.set_epoch(epoch)
+        order = list(one)
+        assert len(order) == len(one) == len(plain) == 10  # the epoch keeps its length
+        triples = [order[i:i + 3] for i in range(0, 9, 3)]
+        assert all(len(set(triple)) == 1 for triple in triples)  # each image 3 times, side by side
+        assert len({triple[0] for triple in triples} | {order[9]}) == 4  # so a third of the images (and one more)
+    one.set_epoch(0)
+    first = list(one)
+    one.set_epoch(1)
+    assert list(one) != first  # a new draw each epoch ...
+    one.set_epoch(0)
+    assert list(one) == first  # ... and the same one again for the same (seed, epoch): resuming stays exact
+    # Two processes: each an epoch of the usual length, the copies of an image on neighbouring processes (DeiT's)
+    ranks = [data.RepeatedAugmentationSampler(range(10), 3, num_replicas=2, rank=rank, seed=1) for rank in (0, 1)]
+    orders = [list(sampler) for sampler in ranks]
+    assert [len(order) for order in orders] == [5, 5]
+    generator = torch.Generator().manual_seed(1)
+    expected = torch.randperm(10, generator=generator).repeat_interleave(3)[:10].tolist()
+    assert orders == [expected[0::2], expected[1::2]]
+    # A set smaller than the processes: the copies are drawn again from the start, so every process has its epoch
+    assert [list(data.RepeatedAugmentationSampler(range(1), 2, num_replicas=4, rank=r)) for r in range(4)] == \
+        [[0], [0], [0], [0]]
+    for bad in (0, -1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="repeated_augmentation must be a whole number of copies"):
+            data.training_sampler(range(10), seed=1, repeats=bad)
+
+
+def test_both_loaders_repeat_the_same_images_and_augment_each_copy_on_its_own(tmp_path):
+    root = make_tree(tmp_path / "tree", per_class=12)
+    plain, _, _ = make_dataloaders(root, image_size=8, batch_size=6, num_workers=0, augment="strong",
+                                   repeated_augmentation=3)
+    cached, _, _ = make_cached_loaders(root, image_size=8, batch_size=6, device="cpu", augment="strong",
+                                       repeated_augmentation=3)
+    for loader in (plain, cached):
+        assert isinstance(loader.sampler, data.RepeatedAugmentationSampler) and loader.sampler.repeats == 3
+        loader.sampler.set_epoch(2)
+        order = list(loader.sampler)
+        assert order[0] == order[1] == order[2] and order[3] == order[4] == order[5]
+        images, labels = next(iter(loader))
+        assert labels[0] == labels[1] == labels[2]
+        assert not (torch.equal(images[0], images[1]) and torch.equal(images[1], images[2]))  # augmented apart
+    assert list(plain.sampler) == list(cached.sampler)  # the same order, whichever loader
+
+
 def test_crop_scale_reaches_the_random_resized_crop_and_bad_values_are_refused(tmp_path):
     root = make_tree(tmp_path / "tree")
     train, _, _ = make_dataloaders(root, image_size=8, batch_size=4, num_workers=0, crop_scale=(0.5, 0.9))

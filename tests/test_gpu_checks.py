@@ -207,9 +207,11 @@ def test_recipe_changes_are_parsed_as_the_fields_types(gpu_checks, capsys):
     recipe = gpu_checks.with_changes(get_recipe("cifar10"), ["lr=2e-3", "epochs=150", "augment=basic",
                                                              'model_overrides={"num_layers": 6}',
                                                              "crop_scale=0.5,1", "augment_magnitude=27",
-                                                             "random_erasing=0.25", "mix_probability=0.5"])
+                                                             "random_erasing=0.25", "mix_probability=0.5",
+                                                             "repeated_augmentation=3"])
     assert (recipe.lr, recipe.epochs, recipe.augment, recipe.crop_scale) == (2e-3, 150, "basic", (0.5, 1.0))
     assert (recipe.augment_magnitude, recipe.random_erasing, recipe.mix_probability) == (27, 0.25, 0.5)
+    assert recipe.repeated_augmentation == 3
     with pytest.raises(SystemExit):  # checked before any image is unpacked
         gpu_checks.parse_args(["--cifar-set", "augment=false", "--cifar-set", "random_erasing=0.25"])
     assert "choose augment 'basic', 'strong' or 'autoaugment', or random_erasing 0" in capsys.readouterr().err
@@ -229,7 +231,8 @@ def test_recipe_changes_are_parsed_as_the_fields_types(gpu_checks, capsys):
                          (["crop_padding=-2"], "crop_padding must be a whole number of pixels"),
                          (["crop_scale=2,3"], "crop_scale must be"), (["augment=strnog"], "strnog"),
                          (['model_overrides={"num_heads": 5}'], "num_heads"),
-                         (["augment_magnitude=40"], "augment_magnitude must be a whole number from 0 to 30")):
+                         (["augment_magnitude=40"], "augment_magnitude must be a whole number from 0 to 30"),
+                         (["repeated_augmentation=0"], "repeated_augmentation must be a whole number of copies")):
         with pytest.raises(SystemExit):
             gpu_checks.parse_args([arg for value in bad for arg in ("--cifar-set", value)])
         assert message in capsys.readouterr().err, bad

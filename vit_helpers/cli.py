@@ -137,6 +137,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --augment basic, strong or autoaugment: erase a random box (2-33%% of the area) "
                              "from this share of the training images, as torchvision's RandomErasing (default 0; "
                              "DeiT's 0.25)")
+    parser.add_argument("--repeated-augmentation", type=positive_int, metavar="K",
+                        help="each epoch, a K-th of the training images, each shown K times in a batch and "
+                             "augmented on its own (default 1: off; DeiT's 3); the epoch keeps its length")
     parser.add_argument("--crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="the random resized crops' share of the image area, e.g. 0.8 1.0 (default: the "
                              "loaders', vit_helpers.data.RANDOM_CROP_SCALE); replaces a recipe's --crop-padding")
@@ -309,13 +312,15 @@ def build_loaders(settings: dict, device: torch.device):
                                    crop_padding=settings["crop_padding"],
                                    augment_magnitude=settings["augment_magnitude"],
                                    random_erasing=settings["random_erasing"],
+                                   repeated_augmentation=settings["repeated_augmentation"],
                                    compile_augment=settings["compile_augment"])
     return data.make_dataloaders(settings["data"], image_size=settings["image_size"],
                                  batch_size=settings["batch_size"], seed=settings["seed"],
                                  num_workers=settings["num_workers"], augment=settings["augment"],
                                  crop_scale=settings["crop_scale"], crop_padding=settings["crop_padding"],
                                  augment_magnitude=settings["augment_magnitude"],
-                                 random_erasing=settings["random_erasing"])
+                                 random_erasing=settings["random_erasing"],
+                                 repeated_augmentation=settings["repeated_augmentation"])
 
 
 def prepare_run(args):

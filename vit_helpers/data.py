@@ -330,6 +330,44 @@ def checked_erasing(erasing=0.0, augment: bool | str = True) -> float:
     return float(erasing)
 
 
+def checked_repeats(repeats=1) -> int:
+    """Repeated augmentation's copies per image as a whole number, at least 1 (1: off); else a ValueError."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeated_augmentation must be a whole number of copies of each image per epoch, at least "
+                         f"1 (1 turns it off; DeiT's is 3); got {repeats!r}.")
+    return repeats
+
+
+class RepeatedAugmentationSampler(DistributedSampler):
+    """Repeated augmentation (Hoffer et al. 2020, "Augment your batch"; DeiT's RASampler): each epoch draws a
+    `repeats`-th of the training images and shows each one `repeats` times, every copy augmented on its own, so
+    that a batch holds several views of one image. An epoch is as long as without it (`len(self)` images per
+    process, DistributedSampler's), and its order a function of (seed, epoch): resuming and several processes stay
+    exact. Under torch.distributed the copies of an image go to neighbouring processes, as in DeiT; in one process
+    they stand side by side in one batch."""
+
+    def __init__(self, dataset, repeats: int = 3, num_replicas: int | None = None, rank: int | None = None,
+                 seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.repeats = checked_repeats(repeats)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)  # as DistributedSampler seeds its shuffle
+        copies = torch.randperm(len(self.dataset), generator=generator).repeat_interleave(self.repeats)
+        wanted = self.num_samples * self.num_replicas  # every process's epoch
+        copies = copies.repeat(-(-wanted // len(copies)))[:wanted]  # from the start again if too few (tiny sets)
+        return iter(copies[self.rank:wanted:self.num_replicas].tolist())
+
+
+def training_sampler(dataset, seed: int, repeats: int = 1, num_replicas: int | None = None,
+                     rank: int | None = None) -> DistributedSampler:
+    """The training order of both kinds of loader: DistributedSampler's shuffle (world size 1 outside
+    torch.distributed), or with `repeats` > 1 `RepeatedAugmentationSampler`'s."""
+    if checked_repeats(repeats) == 1:
+        return DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+    return RepeatedAugmentationSampler(dataset, repeats, num_replicas=num_replicas, rank=rank, seed=seed)
+
+
 def checked_crop(crop_scale=None, crop_padding=None) -> tuple[tuple[float, float], int | None]:
     """(crop_scale, crop_padding) checked, the scale's default filled in. They choose between two kinds of
     random crop, so giving both is an error."""
@@ -459,7 +497,8 @@ def make_dataloaders(data_dir, image_size: int = 224, batch_size: int = 32, test
                      seed: int = 42, num_workers: int | None = None, augment: bool | str = True, *,
                      mean=NORMALIZE_MEAN, std=NORMALIZE_STD, crop_scale: tuple[float, float] | None = None,
                      crop_padding: int | None = None, augment_magnitude: int = RANDAUGMENT_MAGNITUDE,
-                     random_erasing: float = 0.0) -> tuple[DataLoader, DataLoader, list[str]]:
+                     random_erasing: float = 0.0, repeated_augmentation: int = 1,
+                     ) -> tuple[DataLoader, DataLoader, list[str]]:
     """(train loader, test loader, class names) for a dataset name ("sample", "animals10", "cifar10") or folder.
 
     Train: a DistributedSampler (world size 1 outside torch.distributed) shuffling with `seed`; call
@@ -468,8 +507,9 @@ def make_dataloaders(data_dir, image_size: int = 224, batch_size: int = 32, test
     crop_scale = (low, high) fraction of each image's area (None: RANDOM_CROP_SCALE); crop_padding=P shifts the
     image by up to P pixels instead (`build_transforms`); augment="strong" adds RandAugment at
     `augment_magnitude` (0-30, RANDAUGMENT_MAGNITUDE), "autoaugment" AutoAugment's CIFAR-10 policy;
-    random_erasing=p erases a box from that share of the training images (torchvision's RandomErasing). Test: every
-    image, in order, unaugmented.
+    random_erasing=p erases a box from that share of the training images (torchvision's RandomErasing);
+    repeated_augmentation=k shows a k-th of the images per epoch, each k times (`RepeatedAugmentationSampler`).
+    Test: every image, in order, unaugmented.
     Batches are (images float32 (B, 3, S, S) normalised with mean/std, labels int64 (B,)).
     """
     train_transform, test_transform = build_transforms(image_size, augment, mean, std, crop_scale=crop_scale,
@@ -478,7 +518,7 @@ def make_dataloaders(data_dir, image_size: int = 224, batch_size: int = 32, test
     train_set, test_set, classes = load_image_datasets(data_dir, test_fraction, seed, train_transform,
                                                        test_transform)
     rank, world_size = distributed_info()
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler = training_sampler(train_set, seed, repeated_augmentation, num_replicas=world_size, rank=rank)
     if len(sampler) < batch_size:
         raise ValueError(f"the training set has {len(sampler)} images per process, fewer than batch_size "
                          f"{batch_size}: lower batch_size.")

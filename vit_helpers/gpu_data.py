@@ -14,6 +14,8 @@ each epoch then only gathers rows, and the augmentation runs on the device in ba
                                               image, each op applied with its probability at its strength
     random_erasing=p                        + a box erased from that share of the images (torchvision's
                                               RandomErasing boxes, one mask for the batch)
+    repeated_augmentation=k                 a k-th of the images per epoch, each k times in a batch, every copy
+                                              augmented on its own (DeiT's sampler, `data.training_sampler`)
 
     train_loader, test_loader, classes = make_cached_loaders("animals10", image_size=224, batch_size=256)
     for epoch in range(epochs):
@@ -48,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Sampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
@@ -74,6 +76,7 @@ from vit_helpers.data import (
     resize_and_crop,
     split_folders,
     stratified_split,
+    training_sampler,
 )
 from vit_helpers.datasets import rank_zero_first, resolve_dataset
 from vit_helpers.files import atomic_write
@@ -548,18 +551,19 @@ class CachedImageLoader:
     """Batches (images float32 (B, 3, S, S) normalised, labels int64 (B,)) on `device` from decoded images.
 
     `images` (uint8 (N, 3, S, S)) is on the device, or in CPU memory and copied per batch; `rows` picks
-    this split's rows. Training order comes from a DistributedSampler like `make_dataloaders`'s (the same order
-    for the same seed and epoch), full batches only; evaluation covers every image once across processes.
+    this split's rows. Training order comes from `make_dataloaders`'s sampler (`training_sampler`: the same order
+    for the same seed, epoch and `repeats`), full batches only; evaluation covers every image once across
+    processes.
     """
 
     def __init__(self, images, targets, rows, classes, batch_size, device, *, train: bool, augment: DeviceAugment,
-                 seed: int = 42, num_replicas: int = 1, rank: int = 0):
+                 seed: int = 42, num_replicas: int = 1, rank: int = 0, repeats: int = 1):
         self.images, self.targets, self.rows = images, targets, rows
         self.batch_size, self.device, self.train, self.augment = batch_size, torch.device(device), train, augment
         self.seed, self.rank = seed, rank
         self.dataset = CachedImages(targets.cpu()[rows].tolist(), list(classes))
-        self.sampler = (DistributedSampler(range(len(rows)), num_replicas=num_replicas, rank=rank, shuffle=True,
-                                           seed=seed) if train else ShardSampler(len(rows), num_replicas, rank))
+        self.sampler = (training_sampler(range(len(rows)), seed, repeats, num_replicas=num_replicas, rank=rank)
+                        if train else ShardSampler(len(rows), num_replicas, rank))
         self.drop_last = train
 
     @property
@@ -640,7 +644,7 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
                         keep_on_device: bool | None = None, num_replicas: int | None = None,
                         rank: int | None = None, compile_augment: bool = False,
                         augment_magnitude: int = RANDAUGMENT_MAGNITUDE, random_erasing: float = 0.0,
-                        ) -> tuple[CachedImageLoader, CachedImageLoader, list[str]]:
+                        repeated_augmentation: int = 1) -> tuple[CachedImageLoader, CachedImageLoader, list[str]]:
     """(train loader, test loader, class names) that decode every image once and augment on `device`.
 
     `data_dir`: a folder or a name understood by `resolve_dataset`. The decoded images are saved in
@@ -649,7 +653,8 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     The split of a folder without train/ and test/ is `stratified_split`'s, as in `make_dataloaders`.
     `crop_scale`: the training crops' share of the area (default RANDOM_CROP_SCALE), or `crop_padding`: shifted
     crops instead, as in `make_dataloaders`; `augment_magnitude`: the strong policy's RandAugment magnitude (0-30);
-    `random_erasing`: the share of training images with a box erased (`DeviceAugment(erasing=)`).
+    `random_erasing`: the share of training images with a box erased (`DeviceAugment(erasing=)`);
+    `repeated_augmentation` k > 1: a k-th of the images per epoch, each k times (`RepeatedAugmentationSampler`).
     `compile_augment`: the training augmentation through `torch.compile` (`DeviceAugment(compile=True)`). Under
     torch.distributed each process gets its shard (num_replicas and rank override that, e.g. for tests); rank 0
     builds the cache while the others wait.
@@ -685,7 +690,8 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     train = CachedImageLoader(images, targets, train_rows, classes, batch_size, device, train=True,
                               augment=DeviceAugment(augment, mean, std, crop_scale, compile=compile_augment,
                                                     padding=crop_padding, magnitude=augment_magnitude,
-                                                    erasing=random_erasing), **shared)
+                                                    erasing=random_erasing),
+                              repeats=repeated_augmentation, **shared)
     if len(train) == 0:
         raise ValueError(f"the training set has {len(train.sampler)} images per process, fewer than batch_size "
                          f"{batch_size}: lower batch_size.")

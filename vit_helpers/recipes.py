@@ -13,7 +13,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from vit_helpers.data import RANDAUGMENT_MAGNITUDE, _augment_policy, checked_crop, checked_erasing, checked_magnitude
+from vit_helpers.data import (
+    RANDAUGMENT_MAGNITUDE,
+    _augment_policy,
+    checked_crop,
+    checked_erasing,
+    checked_magnitude,
+    checked_repeats,
+)
 from vit_helpers.model import ViTConfig
 from vit_helpers.training import TrainConfig
 
@@ -40,6 +47,7 @@ class Recipe:
     augment: bool | str = True
     augment_magnitude: int = RANDAUGMENT_MAGNITUDE  # "strong": RandAugment's strength, 0-30 (DeiT's m9 is 27)
     random_erasing: float = 0.0  # the share of training images with a box erased (DeiT's: 0.25)
+    repeated_augmentation: int = 1  # k > 1: a k-th of the images per epoch, each k times (DeiT's: 3)
     crop_scale: tuple[float, float] | None = None  # the random crops' share of the area; None: data.RANDOM_CROP_SCALE
     crop_padding: int | None = None  # pixels: shifted crops (CIFAR's usual, 4) instead of random resized crops
     cached: bool = False  # decode once and augment on the device (vit_helpers.gpu_data.make_cached_loaders)
@@ -68,6 +76,7 @@ class Recipe:
         self.model_config(num_classes=2), self.train_config()
         checked_crop(self.crop_scale, self.crop_padding), _augment_policy(self.augment)
         checked_magnitude(self.augment_magnitude), checked_erasing(self.random_erasing, self.augment)
+        checked_repeats(self.repeated_augmentation)
         return self
 
 
