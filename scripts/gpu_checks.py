@@ -555,10 +555,16 @@ def check_pace(args, device, results) -> list[tuple]:
                      f"{history[0]['seconds']:.1f} s, {history[1]['seconds']:.1f} s; loss {last['train_loss']:.3f}, "
                      f"acc {last['test_accuracy']:.3f}", "", ""))
         if args.profile:
-            run["profile"] = profile = profile_training_steps(model, train_loader, device, config, args.profile)
-            print(f"pace: {name}: profile of {profile['steps']} steps\n{profile['host_table']}\n"
-                  f"{profile['device_table']}", flush=True)
-            rows.append(("pace", f"{name}: profiled step", profile_summary(profile), "", ""))
+            try:
+                run["profile"] = profile = profile_training_steps(model, train_loader, device, config, args.profile)
+            except Exception as error:  # the run's own figures above are kept, and saved below
+                traceback.print_exc()
+                run["profile_error"] = f"{type(error).__name__}: {error}"
+                rows.append(("pace", f"{name}: profiled step", f"failed: {run['profile_error']}"[:100], "", "FAIL"))
+            else:
+                print(f"pace: {name}: profile of {profile['steps']} steps\n{profile['host_table']}\n"
+                      f"{profile['device_table']}", flush=True)
+                rows.append(("pace", f"{name}: profiled step", profile_summary(profile), "", ""))
         record_suggestion()
     suggestion, why = results["pace"]["suggested_cifar_settings"].values()
     print(f"pace: for the cifar check: {suggestion or '(no run)'}  ({why})", flush=True)

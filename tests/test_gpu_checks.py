@@ -188,6 +188,30 @@ def test_the_pace_profile_times_the_engines_own_steps(gpu_checks):
                                                 "operators 2.00 ms")
 
 
+def test_the_pace_check_profiles_each_run_and_keeps_a_runs_figures_when_its_profile_fails(gpu_checks, archive,
+                                                                                          tmp_path, monkeypatch):
+    profile, calls = gpu_checks.profile_training_steps, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(args[3].compile_mode)  # the run's TrainConfig
+        if len(calls) == 2:
+            raise RuntimeError("profiler unavailable")
+        return profile(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_checks, "profile_training_steps", second_fails)
+    results_path = tmp_path / "pace.json"
+    assert gpu_checks.main(["--smoke", "--device", "cpu", "--checks", "pace", "--pace-runs", "16,16:reduce-overhead",
+                            "--profile", "3", "--cifar-archive", str(archive), "--work-dir", str(tmp_path / "work"),
+                            "--json", str(results_path)]) == 0
+    assert calls == [None, "reduce-overhead"]  # each run's own settings, profiled after it
+    saved = json.loads(results_path.read_text())
+    first, second = saved["pace"]["runs"]
+    assert first["profile"]["steps"] > 0 and "aten::" in first["profile"]["host_table"]
+    assert second["ms_per_step"] > 0 and second["profile_error"] == "RuntimeError: profiler unavailable"
+    verdicts = {row[1]: row[4] for row in saved["summary"] if row[1].endswith("profiled step")}
+    assert list(verdicts.values()) == ["", "FAIL"]
+
+
 def test_the_default_checks_fit_one_device_command_and_all_means_all(gpu_checks):
     assert gpu_checks.parse_args([]).checks == ["matmul", "models", "data"]  # cifar alone takes its 10 minutes
     assert gpu_checks.parse_args(["--checks", "all"]).checks == ["matmul", "models", "data", "pace", "cifar",
