@@ -294,15 +294,21 @@ class FirstBatches:
             yield batch
 
 
-def training_images_per_second(model, loader, device, config, warmup_steps: int, steps: int) -> float:
-    """Images/s of the training engine's own loop (`train_one_epoch`) over `steps` batches, after a warm-up."""
+def engine_steps(model, loader, device, config, mixer=None):
+    """A function `steps -> tally` that trains `model` on the first `steps` batches of `loader` with the training
+    engine's own loop (`train_one_epoch`), one optimiser and a constant learning rate across its calls."""
     optimizer = training.build_optimizer(model, config, device)
     scheduler = training.build_scheduler(optimizer, 0, 10 ** 6)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    training.train_one_epoch(model, FirstBatches(loader, warmup_steps), optimizer, scheduler, loss_fn, device,
-                             config, progress=False)
-    tally = training.train_one_epoch(model, FirstBatches(loader, steps), optimizer, scheduler, loss_fn, device,
-                                     config, progress=False)
+    return lambda steps: training.train_one_epoch(model, FirstBatches(loader, steps), optimizer, scheduler, loss_fn,
+                                                  device, config, progress=False, mixer=mixer)
+
+
+def training_images_per_second(model, loader, device, config, warmup_steps: int, steps: int) -> float:
+    """Images/s of the training engine's own loop (`train_one_epoch`) over `steps` batches, after a warm-up."""
+    run = engine_steps(model, loader, device, config)
+    run(warmup_steps)
+    tally = run(steps)
     return tally.count / tally.seconds
 
 
@@ -583,22 +589,14 @@ def profile_training_steps(model, loader, device, config, rows: int, steps: int 
     A device busy for a small share of the wall time waits on the host: Python, launches, eager operators. Trains
     `model` on: profile a model whose weights are done with."""
     train_model, _ = training._wrap_for_training(model, device, config, world_size=1)
-    optimizer = training.build_optimizer(model, config, device)
-    scheduler = training.build_scheduler(optimizer, 0, 10 ** 6)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    mixer = training.batch_mixer(config, model.config.num_classes)
-
-    def run():
-        return training.train_one_epoch(train_model, FirstBatches(loader, steps), optimizer, scheduler, loss_fn,
-                                        device, config, progress=False, mixer=mixer)
-
-    run()  # compiles and records what the profiled steps replay
+    run = engine_steps(train_model, loader, device, config, training.batch_mixer(config, model.config.num_classes))
+    run(steps)  # compiles and records what the profiled steps replay
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profiler:
         started = time.perf_counter()
-        tally = run()
+        tally = run(steps)
         bench.synchronize(device)
         wall = time.perf_counter() - started
     events = profiler.key_averages()
