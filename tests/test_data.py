@@ -205,11 +205,17 @@ def test_the_strong_policys_magnitude_reaches_both_loaders_and_bad_ones_are_refu
     assert torch.equal(base_ops_and_amounts[1].abs(), torch.full((2, 1000), 0.3))  # magnitude 9 of 30
     assert torch.equal(matrices[0], base_matrices[0])  # the same crops
     ops = ops_and_amounts[0].long()  # (2, images)
+    space = randaugment_space(27)
     for index in range(2):  # the two geometric ops: shears and shifts move these entries (rotations the diagonal)
-        kept = ops[index] != gpu_data.RANDAUGMENT_OPS.index("rotate")
-        stronger, base = (m[1 + index, kept][:, [0, 1, 0, 1], [1, 0, 2, 2]] for m in (matrices, base_matrices))
-        assert base.abs().sum() > 0  # shears and shifts were drawn
-        torch.testing.assert_close(stronger, 3 * base)
+        stronger, base = (m[1 + index] for m in (matrices, base_matrices))
+        shears = (ops[index] == gpu_data.RANDAUGMENT_OPS.index("shear_x")) | (
+            ops[index] == gpu_data.RANDAUGMENT_OPS.index("shear_y"))
+        assert shears.sum() > 100
+        torch.testing.assert_close(stronger[shears][:, [0, 1], [1, 0]], 3 * base[shears][:, [0, 1], [1, 0]])
+        shifts = (ops[index] == gpu_data.RANDAUGMENT_OPS.index("translate_x")) | (
+            ops[index] == gpu_data.RANDAUGMENT_OPS.index("translate_y"))
+        pixels = stronger[shifts][:, :2, 2].abs().sum(1) * 8 / 2  # whole pixels: torchvision's int() of the shift
+        assert shifts.sum() > 100 and torch.equal(pixels, torch.full_like(pixels, int(space["TranslateX"] / 4)))
     for bad in (-1, 31, 9.5, True, "9"):
         with pytest.raises(ValueError, match="augment_magnitude must be a whole number from 0 to 30"):
             make_dataloaders(root, image_size=8, batch_size=4, augment="strong", num_workers=0, augment_magnitude=bad)
@@ -421,41 +427,92 @@ def test_device_autoaugment_colour_ops_equal_torchvisions_at_every_strength_of_t
             torch.testing.assert_close(actual, reference, rtol=0, atol=1e-5, msg=f"{name} bin {level} {sign:+}")
 
 
-@pytest.mark.parametrize("magnitude", [9, 27])
-def test_cached_strong_geometric_ops_equal_torchvisions_affine_at_randaugments_magnitudes(magnitude):
-    """At magnitude 9 of 30: shear 0.09, translation 150/331 x 30% of the side, rotation 9 degrees, as torchvision's
-    RandAugment (read from it), each by F.affine about the image centre (torchvision shears about the corner: a
-    shift of ~1 pixel in 32); at 27, three times as much. The sign of each op is drawn at random, so which
-    direction a sign means does not matter."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
+GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 
-    space = randaugment_space(magnitude)
-    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    shear, shift = math.degrees(math.atan(space["ShearX"])), space["TranslateX"]
-    affine = dict(angle=0.0, translate=[0.0, 0.0], scale=1.0, shear=[0.0, 0.0],
-                  interpolation=InterpolationMode.BILINEAR)
-    for sign in (-1.0, 1.0):
-        direction = -sign  # our sign against torchvision's: rotation and translation opposite, shear the same
-        expected = {
-            "rotate": dict(affine, angle=space["Rotate"] * direction),
-            "translate_x": dict(affine, translate=[shift * direction, 0.0]),
-            "translate_y": dict(affine, translate=[0.0, shift * direction]),
-            "shear_x": dict(affine, shear=[-shear * direction, 0.0]),
-            "shear_y": dict(affine, shear=[0.0, -shear * direction]),
-        }
-        for name, arguments in expected.items():
-            ops = torch.full((2,), gpu_data.RANDAUGMENT_OPS.index(name))
-            matrices = gpu_data.geometric_op_matrices(ops, torch.full((2,), sign * magnitude / 30))
-            grid = torch.nn.functional.affine_grid(matrices[:, :2], [2, 3, 32, 32], align_corners=False)
-            actual = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
-                                                     align_corners=False)
-            torch.testing.assert_close(actual, TF.affine(images, **arguments), rtol=0, atol=1e-4,
-                                       msg=f"{name} {sign:+}")
-            # What DeviceAugment runs: "border" sampling times the in-bounds weight, exactly zero padding.
-            whole_image = torch.eye(3).repeat(2, 1, 1)
-            torch.testing.assert_close(gpu_data.warp(images, whole_image, (matrices,)), actual, rtol=0, atol=1e-5,
-                                       msg=f"warp {name} {sign:+}")
+
+def halfway_pixels(ops: tuple[torch.Tensor, ...], size: int) -> torch.Tensor:
+    """(B, size, size): the output pixels of `ops` (geometric_op_matrices, applied one after another) that copy a
+    pixel whose source lay exactly halfway between two pixels in some op. Nearest-neighbour then picks either, by
+    float rounding, in torchvision as on the device; every other pixel has one right answer."""
+    ties = None
+    for op in ops:
+        grid = torch.nn.functional.affine_grid(op[:, :2].double(), [len(op), 1, size, size], align_corners=False)
+        position = ((grid + 1) * size - 1) / 2  # in pixels: pixel centres at whole numbers
+        here = ((position - position.floor() - 0.5).abs() < 1e-4).any(-1)
+        moved = None if ties is None else gpu_data.apply_geometric_ops(ties.unsqueeze(1).float(), (op,))[:, 0] > 0
+        ties = here if ties is None else here | moved
+    return ties
+
+
+def assert_same_pixels(actual: torch.Tensor, expected: torch.Tensor, ties: torch.Tensor, message: str) -> None:
+    """Every pixel equal, except those in `ties` (which may be either neighbour)."""
+    differ = (actual - expected).abs().amax(1) > 1e-6  # (B, H, W)
+    assert not (differ & ~ties).any(), f"{message}: {int((differ & ~ties).sum())} pixels differ"
+
+
+@pytest.mark.parametrize("size", [32, 224])
+@pytest.mark.parametrize("policy", ["randaugment 9", "randaugment 27", "autoaugment"])
+def test_device_geometric_ops_are_torchvisions_pixel_for_pixel(policy, size):
+    """Each shear, shift and rotation at each strength the policy uses (RandAugment at magnitude 9 or 27 of 30;
+    AutoAugment's CIFAR-10 policy at each of its bins), with each sign, is torchvision's own op (its
+    `_apply_image_or_video_transform`: nearest-neighbour, shifts of int() pixels, shears about the top-left corner,
+    black coming in), pixel for pixel, except where a source lies exactly halfway between two pixels."""
+    from torchvision.transforms import v2
+
+    if policy == "autoaugment":
+        augment, bins = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10), 10
+        used = sorted({(name, level) for pair in augment._policies for name, _, level in pair
+                       if name in GEOMETRIC_OPS})
+        assert {name for name, _ in used} == set(GEOMETRIC_OPS) - {"ShearX"}  # the CIFAR-10 policy never shears x
+        used += [("ShearX", level) for name, level in used if name == "ShearY"]  # at the same strengths
+    else:
+        magnitude = int(policy.split()[1])
+        augment, bins = v2.RandAugment(magnitude=magnitude, num_magnitude_bins=31), 31
+        used = [(name, magnitude) for name in GEOMETRIC_OPS]
+    pixels = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for name, level in used:
+        strengths, _ = augment._AUGMENTATION_SPACE[name]
+        for sign in (1.0, -1.0):
+            magnitude = float(strengths(bins, size, size)[level]) * sign
+            expected = augment._apply_image_or_video_transform(pixels, name, magnitude, augment.interpolation,
+                                                               augment._fill)
+            op = gpu_data.geometric_op_matrices(torch.tensor([gpu_data.DEVICE_OPS.index(
+                {"ShearX": "shear_x", "ShearY": "shear_y", "TranslateX": "translate_x", "TranslateY": "translate_y",
+                 "Rotate": "rotate"}[name])]), torch.tensor([sign * level / (bins - 1)]), size)
+            actual = gpu_data.apply_geometric_ops(pixels.float() / 255, (op,))
+            assert_same_pixels(actual, expected.float() / 255, halfway_pixels((op,), size), f"{name} {level} {sign}")
+
+
+def test_two_device_geometric_ops_are_torchvisions_one_after_the_other():
+    """Each image's two ops, as torchvision applies them: the second moves the first's output, black strips
+    included. The CIFAR-10 policy's pairs with a geometric op (its other op left out) and RandAugment's pairs
+    drawn at random, at 32 px."""
+    from torchvision.transforms import v2
+
+    size, names = 32, {"ShearX": "shear_x", "ShearY": "shear_y", "TranslateX": "translate_x",
+                       "TranslateY": "translate_y", "Rotate": "rotate"}
+    autoaugment = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    randaugment = v2.RandAugment(magnitude=9, num_magnitude_bins=31)
+    pairs = [(autoaugment, 10, [(name, level) if name in names else ("Identity", 0) for name, _, level in pair])
+             for pair in autoaugment._policies if any(name in names for name, _, _ in pair)]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        drawn = torch.randint(len(names), (2,), generator=generator).tolist()
+        pairs.append((randaugment, 31, [(list(names)[index], 9) for index in drawn]))
+    pixels = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=generator)
+    for augment, bins, pair in pairs:
+        for signs in ((1.0, 1.0), (1.0, -1.0), (-1.0, 1.0), (-1.0, -1.0)):
+            expected, ops = pixels, []
+            for (name, level), sign in zip(pair, signs):
+                if name == "Identity":
+                    continue
+                magnitude = float(augment._AUGMENTATION_SPACE[name][0](bins, size, size)[level]) * sign
+                expected = augment._apply_image_or_video_transform(expected, name, magnitude, augment.interpolation,
+                                                                   augment._fill)
+                ops.append(gpu_data.geometric_op_matrices(torch.tensor([gpu_data.DEVICE_OPS.index(names[name])]),
+                                                          torch.tensor([sign * level / (bins - 1)]), size))
+            actual = gpu_data.apply_geometric_ops(pixels.float() / 255, tuple(ops))
+            assert_same_pixels(actual, expected.float() / 255, halfway_pixels(tuple(ops), size), f"{pair} {signs}")
 
 
 def test_device_crops_are_torchvisions_random_resized_crops():
@@ -512,28 +569,27 @@ def test_shifted_device_crops_are_torchvisions_padded_random_crops_pixel_for_pix
 
 def test_strong_ops_after_a_shifted_crop_see_the_shifted_image_as_their_crop():
     """torchvision's order: RandomCrop(padding) and the flip, then RandAugment's ops on that image, black coming
-    in from outside it. So: the exact shift first, then the ops' one resampling of the shifted image (`warp`
-    with an identity crop), not one resampling of the original through both (which would blend the image's
-    pixels beyond the shifted crop into its border)."""
+    in from outside it. So: the exact shift first, then the ops on the shifted image (`apply_geometric_ops`), not
+    one resampling of the original through all three (which would bring the image's pixels from beyond the
+    shifted crop into its border)."""
     generator = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8, generator=generator)
     crops = gpu_data.shifted_crop_flip_matrices(32, generator, 4, 16)
     op_names = ["translate_x", "rotate", "shear_y", "translate_y"]
     ops = torch.tensor([gpu_data.RANDAUGMENT_OPS.index(name) for name in op_names] * 8)
     amounts = torch.where(torch.rand(32, generator=generator) < 0.5, -0.3, 0.3)  # magnitude 9 of 30
-    first = gpu_data.geometric_op_matrices(ops, amounts)
-    second = gpu_data.geometric_op_matrices(ops.roll(1), -amounts)
+    first = gpu_data.geometric_op_matrices(ops, amounts, 16)
+    second = gpu_data.geometric_op_matrices(ops.roll(1), -amounts, 16)
     identity = (0.0,) * 3, (1.0,) * 3
     mean, std = (torch.tensor(value).view(1, 3, 1, 1) for value in identity)
     got = gpu_data.augment_on_device(images, torch.stack([crops, first, second]), None, mean, std, shifted=True)
     shifted = gpu_data.shift_and_flip(images, crops).float() / 255
-    expected = gpu_data.warp(shifted, torch.eye(3).expand(32, 3, 3), (first, second))
+    expected = gpu_data.apply_geometric_ops(shifted, (first, second))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     # What the ops bring in from outside the shifted image is black, however close the original's pixels were
     white = torch.full((32, 3, 16, 16), 255, dtype=torch.uint8)
     once = gpu_data.augment_on_device(white, torch.stack([crops, first, second]), None, mean, std, shifted=True)
-    black_strips = gpu_data.warp(gpu_data.shift_and_flip(white, crops).float() / 255,
-                                 torch.eye(3).expand(32, 3, 3), (first, second))
+    black_strips = gpu_data.apply_geometric_ops(gpu_data.shift_and_flip(white, crops).float() / 255, (first, second))
     torch.testing.assert_close(once, black_strips, rtol=0, atol=1e-6)
     assert (once < 1e-6).any(dim=(1, 2, 3)).float().mean() > 0.5  # most images show black somewhere
 

@@ -6,10 +6,10 @@ each epoch then only gathers rows, and the augmentation runs on the device in ba
 
     random resized crop + horizontal flip   one affine sampling grid per image, `F.grid_sample` for the batch
       (or crop_padding=P: shifts of up to P whole pixels, black coming in: CIFAR's usual crop, by indexing, so
-      every pixel is copied as it is; the policies' geometric ops then resample the shifted image)
+      every pixel is copied as it is; the policies' geometric ops then act on the shifted image)
     augment="strong"                        + two RandAugment-style ops per image at augment_magnitude (9 of 30
-                                              by default; geometric ops join the grid, colour ops are masked
-                                              tensor ops)
+                                              by default; geometric ops are a nearest-neighbour grid per image,
+                                              colour ops are masked tensor ops)
     augment="autoaugment"                   or AutoAugment's CIFAR-10 policy: one of its 25 pairs of ops per
                                               image, each op applied with its probability at its strength
     random_erasing=p                        + a box erased from that share of the images (torchvision's
@@ -27,13 +27,12 @@ Training crops are taken from that square, where the plain loader crops the full
 that the centre crop cut off are never seen here. The crops are otherwise torchvision's RandomResizedCrop (area and
 aspect ratio drawn up to 10 times until the crop fits, else the whole square), though not rounded to whole pixels.
 The strong policy draws from torchvision's 14 RandAugment ops, each with its probability; the autoaugment policy
-from torchvision's own table of AutoAugment's CIFAR-10 policy. The differences from torchvision's, small for
-training:
-- the colour ops run after all geometric ones whatever order they were drawn in, and act on interpolated values
-  rather than on uint8 pixels;
-- crop, flip and geometric ops are one bilinear resampling of the stored square (torchvision resamples twice, the
-  ops with nearest-neighbour); shifts are not rounded to whole pixels; shears turn about the centre, not the
-  top-left corner. As in torchvision, what the ops bring in from outside the crop is black.
+from torchvision's own table of AutoAugment's CIFAR-10 policy. The geometric ops are torchvision's pixel for pixel
+(nearest-neighbour, shifts of whole pixels, shears about the top-left corner, black coming in), and so are the
+colour ops on the same input. The differences from torchvision's, small for training:
+- the colour ops run after all geometric ones whatever order they were drawn in, and act on float values: after
+  a resized crop (bilinear) those are not rounded to uint8 first;
+- a resized crop is one bilinear resampling, not rounded to whole pixels, and without antialiasing.
 """
 
 from __future__ import annotations
@@ -160,8 +159,8 @@ def _build_caches(root: Path, image_size: int, cache_dir: Path) -> dict[str, dic
 # RandAugment's operations (Cubuk et al. 2020), torchvision's 14 in its order, at a magnitude on torchvision's scale
 # of 31 bins (0-30; default data.RANDAUGMENT_MAGNITUDE, 9: 30% of each op's largest change). Each image's op is
 # applied by an "amount": the signed share of the op's largest change (+-magnitude / 30 here). Each op equals
-# torchvision's at the same magnitude with bilinear interpolation (tests/test_data.py), except that shears turn about
-# the centre rather than the top-left corner; equalize is torchvision's own function, which takes a batch.
+# torchvision's at the same magnitude and sign (tests/test_data.py); equalize is torchvision's own function, which
+# takes a batch.
 RANDAUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
                    "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
 #: Every op the device applies: RandAugment's, and invert, which only AutoAugment uses.
@@ -231,20 +230,33 @@ def shifted_crop_flip_matrices(batch: int, generator: torch.Generator, padding: 
     return matrices
 
 
-def geometric_op_matrices(ops: torch.Tensor, amounts: torch.Tensor) -> torch.Tensor:
+def geometric_op_matrices(ops: torch.Tensor, amounts: torch.Tensor, size: int) -> torch.Tensor:
     """(batch, 3, 3): shear, translate or rotate for the images whose op is one of those, identity for the rest,
-    each by its `amounts` (batch,): the signed share of the op's largest change (shear 0.3, a shift of 150/331 of the
-    side, 30 degrees), +-magnitude / 30 for RandAugment."""
+    each by its `amounts` (batch,): the signed share of the op's largest change, +-magnitude / 30 for RandAugment.
+    Maps from output to input coordinates of a square `size` image, as `F.affine_grid` takes them ([-1, 1] from
+    edge to edge), built as torchvision's `F.affine` builds its own for the op (v2.RandAugment, v2.AutoAugment):
+    rotations of up to 30 degrees anticlockwise about the centre, shears by up to 0.3 about the top-left corner
+    (x' = x + m y), shifts of up to 150/331 of the side rounded towards zero to whole pixels (torchvision's
+    int()). The same amount means the same change as torchvision's magnitude, sign included."""
     matrices = torch.eye(3).repeat(len(ops), 1, 1)
-    shear, shift = 0.3 * amounts, 2 * (150 / 331) * amounts  # shift: [-1, 1] is 2 wide
-    matrices[:, 0, 1] += torch.where(ops == _OP["shear_x"], shear, 0)
-    matrices[:, 1, 0] += torch.where(ops == _OP["shear_y"], shear, 0)
-    matrices[:, 0, 2] += torch.where(ops == _OP["translate_x"], shift, 0)
-    matrices[:, 1, 2] += torch.where(ops == _OP["translate_y"], shift, 0)
+    shear = torch.where((ops == _OP["shear_x"]) | (ops == _OP["shear_y"]), 0.3 * amounts, 0)
+    pixels = (150 / 331 * size * amounts).trunc()  # torchvision's translate=[int(magnitude), 0]
+    shift = torch.where((ops == _OP["translate_x"]) | (ops == _OP["translate_y"]), pixels * (2 / size), 0)
+    x_op, y_op = (ops == _OP["shear_x"]) | (ops == _OP["translate_x"]), (ops == _OP["shear_y"]) | (
+        ops == _OP["translate_y"])
+    # Output pixel (x, y) shows input pixel (x + m (y - top), y) for a shear, (x - t, y) for a shift of t. In [-1, 1]
+    # units the top edge is at -1, and a shift of t pixels is 2t / size.
+    matrices[:, 0, 1] = torch.where(ops == _OP["shear_x"], shear, 0)
+    matrices[:, 1, 0] = torch.where(ops == _OP["shear_y"], shear, 0)
+    matrices[:, 0, 2] = torch.where(x_op, shear - shift, 0)
+    matrices[:, 1, 2] = torch.where(y_op, shear - shift, 0)
+    # Anticlockwise as seen (y points down): output (x, y) shows input (x cos - y sin, x sin + y cos), so what was
+    # just below the right edge's middle comes up to it.
     angle = torch.where(ops == _OP["rotate"], math.radians(30) * amounts, 0)
-    rotation = torch.stack([torch.stack([angle.cos(), -angle.sin()], -1), torch.stack([angle.sin(), angle.cos()], -1)],
-                           -2)  # (batch, 2, 2)
-    matrices[:, :2, :2] = rotation @ matrices[:, :2, :2]
+    cos, sin = angle.cos(), angle.sin()
+    rotating = (ops == _OP["rotate"]).view(-1, 1, 1)
+    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # (batch, 2, 2)
+    matrices[:, :2, :2] = torch.where(rotating, rotation, matrices[:, :2, :2])
     return matrices
 
 
@@ -314,31 +326,25 @@ def shift_and_flip(images: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
     return out * inside
 
 
-def warp(images: torch.Tensor, crops: torch.Tensor, ops: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-    """images (B, C, H, W) resampled (bilinear) through `crops` (B, 3, 3, from `crop_flip_matrices`) and then the
-    RandAugment ops `ops` ((B, 3, 3) each, from `geometric_op_matrices`, in the order applied), in one
-    `F.grid_sample`.
-
-    The ops see only their crop, as in torchvision: what each brings in from outside the image it was given is
-    black, fading over one pixel as torchvision's bilinear sampling with zero padding does (sampling with "border"
-    and multiplying by that in-bounds weight is exactly zero padding). So a shift to the right and one back still
-    leave a black strip. Sampling the whole image with zero padding would instead show the image beyond the crop
-    and blend black into every crop that reaches the border.
-    """
-    height, width = images.shape[-2:]
-    chain, inside = None, 1.0
-    for op in reversed(ops):
-        chain = op if chain is None else op @ chain  # output pixels -> the image this op was given
-        frame = F.affine_grid(chain[:, :2], list(images.shape), align_corners=False)  # (B, H, W, 2), [-1, 1] inside
-        inside_x = ((1 - frame[..., 0].abs()) * (width / 2) + 0.5).clamp(0, 1)  # 1 inside, 0 half a pixel out
-        inside_y = ((1 - frame[..., 1].abs()) * (height / 2) + 0.5).clamp(0, 1)
-        inside = inside * (inside_x * inside_y).unsqueeze(1)
-    matrices = crops if chain is None else crops @ chain
-    grid = F.affine_grid(matrices[:, :2], list(images.shape), align_corners=False)  # (B, H, W, 2)
+def warp(images: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+    """images (B, C, H, W) resampled (bilinear, as RandomResizedCrop) through `crops` (B, 3, 3, from
+    `crop_flip_matrices`), in one `F.grid_sample`."""
+    grid = F.affine_grid(crops[:, :2], list(images.shape), align_corners=False)  # (B, H, W, 2)
     # "border": a crop's outer samples can fall in the last half pixel before the image's edge, where "zeros"
     # would blend in black; "border" repeats the edge instead, as a crop of the image itself would.
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out if chain is None else out * inside
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def apply_geometric_ops(images: torch.Tensor, ops: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """images (B, C, H, W) through the ops `ops` ((B, 3, 3) each, from `geometric_op_matrices`, in the order
+    applied), one `F.grid_sample` each, as torchvision applies them: nearest-neighbour (every pixel one of the
+    image's own, no blur), black for what an op brings in from outside the image it was given (so a shift to the
+    right and one back leave a black strip). The same pixels as torchvision's, except where a pixel's source lies
+    exactly halfway between two pixels: float rounding picks one of the two, in torchvision as here."""
+    for op in ops:
+        grid = F.affine_grid(op[:, :2], list(images.shape), align_corners=False)  # (B, H, W, 2)
+        images = F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return images
 
 
 def send(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -441,7 +447,7 @@ class DeviceAugment:
             signs = torch.where(torch.rand(2, count, generator=generator) < 0.5, -1.0, 1.0)
             ops = torch.where(applied, table_ops, _OP["identity"])
             amounts = torch.where(applied, table_amounts * torch.where(signed, signs, 1.0), 0.0)
-        matrices = torch.stack([crops, *(geometric_op_matrices(ops[i], amounts[i]) for i in range(2))])
+        matrices = torch.stack([crops, *(geometric_op_matrices(ops[i], amounts[i], size) for i in range(2))])
         return (send(matrices, device), send(torch.stack([ops.float(), amounts]), device),  # (3, N, 3, 3), (2, 2, N)
                 self._boxes(count, generator, size, device))
 
@@ -484,19 +490,16 @@ def draws_slice(draws: tuple | None, start: int, stop: int) -> tuple | None:
 def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_and_amounts: torch.Tensor | None,
                       mean: torch.Tensor, std: torch.Tensor, shifted: bool = False,
                       boxes: torch.Tensor | None = None) -> torch.Tensor:
-    """`DeviceAugment`'s arithmetic on the device: uint8 `images` (B, 3, S, S) -> float32, resampled through
-    `matrices` ((1 or 3, B, 3, 3): the crops, then the two geometric ops; None: no resampling; `shifted`: the
-    crops are whole-pixel shifts, applied exactly by `shift_and_flip` before the ops resample), recoloured by
-    `ops_and_amounts` ((2, 2, B): the policy's two ops, as floats, and their amounts; None: none; the
-    geometric ops' are in their matrices already), normalised, and with `boxes` ((B, 4) or None) erased."""
+    """`DeviceAugment`'s arithmetic on the device: uint8 `images` (B, 3, S, S) -> float32, cropped and moved by
+    `matrices` ((1 or 3, B, 3, 3): the crops, then the two geometric ops, `apply_geometric_ops`; None: neither;
+    `shifted`: the crops are whole-pixel shifts, applied exactly by `shift_and_flip`, else resized crops, `warp`),
+    recoloured by `ops_and_amounts` ((2, 2, B): the policy's two ops, as floats, and their amounts; None: none;
+    the geometric ops' are in their matrices already), normalised, and with `boxes` ((B, 4) or None) erased."""
     x = images.float().div_(255)
     if matrices is not None:
-        if shifted:
-            x = shift_and_flip(x, matrices[0])
-            if len(matrices) > 1:  # the ops see the shifted image as their crop, black strips and all
-                x = warp(x, torch.eye(3, device=x.device).expand(len(x), 3, 3), tuple(matrices[1:]))
-        else:
-            x = warp(x, matrices[0], tuple(matrices[1:]))
+        x = shift_and_flip(x, matrices[0]) if shifted else warp(x, matrices[0])
+        if len(matrices) > 1:  # the ops see the crop as their image, black strips of a shift and all
+            x = apply_geometric_ops(x, tuple(matrices[1:]))
     if ops_and_amounts is not None:
         ops, amounts = ops_and_amounts[0].long(), ops_and_amounts[1]
         x = colour_ops(colour_ops(x, ops[0], amounts[0]), ops[1], amounts[1])
