@@ -2,7 +2,6 @@
 built in tmp_path. Getting the datasets onto disk (Animals-10, CIFAR-10, names, the shipped sample):
 tests/test_datasets.py."""
 
-import math
 import warnings
 from collections import Counter
 from pathlib import Path
