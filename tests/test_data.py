@@ -2,6 +2,7 @@
 built in tmp_path. Getting the datasets onto disk (Animals-10, CIFAR-10, names, the shipped sample):
 tests/test_datasets.py."""
 
+import math
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -512,6 +513,50 @@ def test_two_device_geometric_ops_are_torchvisions_one_after_the_other():
                                                           torch.tensor([sign * level / (bins - 1)]), size))
             actual = gpu_data.apply_geometric_ops(pixels.float() / 255, tuple(ops))
             assert_same_pixels(actual, expected.float() / 255, halfway_pixels(tuple(ops), size), f"{pair} {signs}")
+
+
+def test_the_cifar10_recipes_device_augmentation_is_torchvisions_pipeline_image_for_image():
+    """Shifted crops of 4 pixels, flips and AutoAugment's CIFAR-10 policy on the device (the cifar10 recipe) give,
+    for the crops and ops drawn, the images torchvision's RandomCrop(32, padding=4), RandomHorizontalFlip and
+    AutoAugment give, on the same float images (posterize, whose float version differs, on uint8). The device runs
+    the colour ops after the geometric ones; in this policy the one pair with a colour op first (Color, TranslateX)
+    commutes, and the policy's strengths never land a source halfway between two pixels at 32 px, so every image
+    is fixed by its draws."""
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+
+    count, size, padding = 256, 32, 4
+    pixels = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    pixels[: count // 2, :, : size // 2] //= 4  # uneven histograms, for equalize and autocontrast to change a lot
+    device = gpu_data.DeviceAugment("autoaugment", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), padding=padding)
+    draws = device.draw(count, torch.Generator().manual_seed(1), size, "cpu")
+    actual = device.apply(pixels, draws)
+    matrices, (ops, amounts), _ = draws
+    assert not halfway_pixels(tuple(matrices[1:]), size).any()
+    autoaugment = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    names = {name.lower(): name for name in autoaugment._AUGMENTATION_SPACE}
+    for index in range(count):
+        dx, dy = (round(float(matrices[0, index, row, 2]) * size / 2) for row in (0, 1))
+        expected = TF.crop(TF.pad(pixels[index], [padding]), padding + dy, padding + dx, size, size).float() / 255
+        expected = TF.horizontal_flip(expected) if matrices[0, index, 0, 0] < 0 else expected
+        for slot in range(2):
+            if ops[slot, index] == gpu_data.DEVICE_OPS.index("identity"):  # an op not applied (its probability)
+                continue
+            name = names[gpu_data.DEVICE_OPS[int(ops[slot, index])].replace("_", "")]
+            strengths = autoaugment._AUGMENTATION_SPACE[name][0](10, size, size)
+            amount = float(amounts[slot, index])
+            magnitude = 0.0 if strengths is None else (
+                float(strengths[round(abs(amount) * 9)]) * math.copysign(1.0, amount))
+            as_uint8 = name == "Posterize"  # only ever after a shear here: whole uint8 values
+            image = (expected * 255).round().to(torch.uint8) if as_uint8 else expected
+            image = autoaugment._apply_image_or_video_transform(image, name, magnitude, autoaugment.interpolation,
+                                                                autoaugment._fill)
+            expected = image.float() / 255 if as_uint8 else image
+        torch.testing.assert_close(actual[index], expected, rtol=0, atol=1e-5,
+                                   msg=f"image {index}: ops {ops[:, index].tolist()}, {amounts[:, index].tolist()}")
+    drawn = set(ops.flatten().long().tolist())
+    assert len(drawn) == len(gpu_data.DEVICE_OPS) - 1  # every op but shear_x, which the policy does not use
 
 
 def test_device_crops_are_torchvisions_random_resized_crops():
