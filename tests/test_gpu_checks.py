@@ -239,6 +239,9 @@ def test_recipe_changes_are_parsed_as_the_fields_types(gpu_checks, capsys):
     with pytest.raises(SystemExit):  # checked before any image is unpacked
         gpu_checks.parse_args(["--cifar-set", "augment=false", "--cifar-set", "random_erasing=0.25"])
     assert "choose augment 'basic', 'strong' or 'autoaugment', or random_erasing 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a share of batches mixed, in a run that mixes none
+        gpu_checks.parse_args(["--cifar-set", "mix_probability=0.5"])
+    assert "and mixing is off" in capsys.readouterr().err
     config = recipe.model_config(10)  # the dict replaces the recipe's whole: ViT-S/4 with 6 layers
     assert (config.num_layers, config.embed_dim, config.mlp_dim) == (6, 384, 1536)
     with pytest.raises(SystemExit):

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 
 from vit_helpers import training
 from vit_helpers.model import ViT, ViTConfig
+from vit_helpers.recipes import get_recipe
 from vit_helpers.training import (
     NonFiniteLossError,
     TrainConfig,
@@ -271,6 +272,11 @@ def test_mixing_needs_a_positive_alpha_and_the_number_of_classes():
             TrainConfig(cutmix_alpha=1.0, mix_probability=share)
     with pytest.raises(ValueError, match="need the number of classes"):
         training.batch_mixer(TrainConfig(cutmix_alpha=1.0), None)
+    # A share of batches for a run that mixes none would be silently inert: refused, wherever it comes from
+    with pytest.raises(ValueError, match="mix_probability 0.5 is the share of batches .* and mixing is off"):
+        TrainConfig(mix_probability=0.5)
+    with pytest.raises(ValueError, match="and mixing is off"):
+        get_recipe("cifar10").train_config(mix_probability=0.5)
 
 
 def interrupt_at(model: nn.Module, call: int) -> nn.Module:

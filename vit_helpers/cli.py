@@ -337,6 +337,10 @@ def prepare_run(args):
         else:
             settings = run_settings(args, training.resolve_device(args.device or "auto").type)
         model_config(settings, num_classes=2)  # checks the model name and sizes before the data is read
+        if args.mix_probability is not None and not (settings["mixup_alpha"] or settings["cutmix_alpha"]):
+            # before TrainConfig's own refusal, which names its fields, not the flags
+            raise ValueError("--mix-probability sets the share of batches that MixUp or CutMix mixes, and this run "
+                             "mixes none: add --mixup 0.8 and/or --cutmix 1.0, or drop --mix-probability.")
         train_config(settings)  # and the optimisation settings
         checked_crop(settings["crop_scale"], settings["crop_padding"])
         checked_magnitude(settings["augment_magnitude"])
@@ -347,9 +351,6 @@ def prepare_run(args):
             raise ValueError("--random-erasing erases boxes from augmented training images, and this run does not "
                              "augment them: add --augment basic, strong or autoaugment, or drop --random-erasing.")
         checked_erasing(settings["random_erasing"], settings["augment"])
-        if args.mix_probability is not None and not (settings["mixup_alpha"] or settings["cutmix_alpha"]):
-            raise ValueError("--mix-probability sets the share of batches that MixUp or CutMix mixes, and this run "
-                             "mixes none: add --mixup 0.8 and/or --cutmix 1.0, or drop --mix-probability.")
         if settings["compile_augment"] and not settings["cached"]:
             raise ValueError("--compile-augment compiles the cached loaders' augmentation, and this run does not "
                              "use them: add --cached (a new run) or --no-compile-augment.")

@@ -86,6 +86,10 @@ class TrainConfig:
         if not 0 < self.mix_probability <= 1:
             raise ValueError(f"mix_probability is the share of batches mixed, above 0 and at most 1, got "
                              f"{self.mix_probability}; turn mixing off with mixup_alpha and cutmix_alpha 0.")
+        if self.mix_probability != 1 and self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise ValueError(f"mix_probability {self.mix_probability} is the share of batches that MixUp or CutMix "
+                             f"mixes, and mixing is off (mixup_alpha and cutmix_alpha are 0): set one of them "
+                             f"(e.g. cutmix_alpha 1.0), or leave mix_probability at 1.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
