@@ -1,7 +1,6 @@
 """scripts/gpu_checks.py, the one script every GPU session runs: it must work the first time on the device, so
 its `--smoke` mode runs every check here on the CPU, on a small archive laid out like the CIFAR-10 JPEG one."""
 
-import dataclasses
 import importlib.util
 import io
 import json
@@ -439,14 +438,23 @@ def test_sweep_variants_are_checked_when_the_arguments_are_parsed(gpu_checks, ca
     # Built for the device the sweep runs on: on a GPU the recipe's compiled augmentation, and the compile mode
     # --cifar-set gives all
     by_name = {variant["name"]: variant for variant in gpu_checks.sweep_variants(args.sweep, args.cifar_set, "cuda")}
-    assert by_name["resnet18"]["reference"] == "resnet18" and by_name["recipe"]["changes"] == []
-    # depth-erasing adds stochastic depth to the recipe's model and changes nothing else about it
-    recipe, regularised = (by_name[name]["recipe"] for name in ("recipe", "depth-erasing"))
-    assert regularised.model_config(10).drop_path == 0.1 and regularised.random_erasing == 0.25
-    assert dataclasses.replace(regularised.model_config(10), drop_path=0.0) == recipe.model_config(10)
-    both = by_name["all-four"]["recipe"]
-    assert (both.mixup_alpha, both.cutmix_alpha, both.mix_probability, both.random_erasing) == (1.0, 1.0, 0.5, 0.25)
-    assert both.model_config(10) == regularised.model_config(10) and by_name["half-mixed"]["recipe"].random_erasing == 0
+    # Lee et al. 2021's plain ViT (4x4 patches, D=192, 9 layers of 12 heads, MLP 384): 2,697,610 parameters, counted
+    # from the equations (patch embedding 9,408, class token 192, positions 65 x 192, 9 layers of 297,024, the final
+    # norm 384, the head 1,930), with their regularisers, at two batch sizes
+    assert set(by_name) == {"lee-b256", "lee-b512"}
+    for name, batch, lr in (("lee-b256", 256, 1.4e-3), ("lee-b512", 512, 2e-3)):
+        recipe = by_name[name]["recipe"]
+        config = recipe.model_config(10)
+        assert (config.embed_dim, config.num_layers, config.num_heads, config.mlp_dim, config.patch_size) == \
+            (192, 9, 12, 384, 4)
+        assert (config.drop_path, config.init) == (0.1, "timm") and by_name[name]["reference"] is None
+        assert sum(parameter.numel() for parameter in gpu_checks.ViT(config).parameters()) == \
+            9408 + 192 + 65 * 192 + 9 * 297024 + 384 + 1930 == 2697610
+        assert (recipe.batch_size, recipe.lr, recipe.warmup_epochs, recipe.random_erasing) == (batch, lr, 30, 0.25)
+        assert (recipe.mixup_alpha, recipe.cutmix_alpha, recipe.mix_probability) == (1.0, 1.0, 0.5)
+        assert (recipe.augment, recipe.crop_padding, recipe.label_smoothing) == ("autoaugment", 4, 0.1)
+    reference = gpu_checks.sweep_variants([("cnn", "reference=resnet18")], [], "cuda")[0]
+    assert reference["reference"] == "resnet18" and reference["changes"] == ["reference=resnet18"]
     assert all(variant["recipe"].compile_augment for variant in by_name.values())
     assert not any(variant["recipe"].compile_mode for variant in by_name.values())  # --cifar-set's, given to all
     on_cpu = gpu_checks.sweep_variants(args.sweep, [], "cpu")
