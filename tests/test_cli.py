@@ -142,6 +142,10 @@ def one_error_line(capsys) -> str:
                                                           "run does not use RandAugment: add --augment strong"),
     (["--augment", "autoaugment", "--augment-magnitude", "27"], "--augment-magnitude sets RandAugment's strength, "
                                                                 "and this run does not use RandAugment"),
+    (["--augment", "autoaugment", "--augment-fill", "256"], "augment_fill must be a whole grey level from 0"),
+    (["--augment", "basic", "--augment-fill", "128"], "--augment-fill sets what RandAugment's and AutoAugment's "
+                                                      "shears, shifts and rotations bring in, and this run uses "
+                                                      "neither: add --augment strong or autoaugment"),
     (["--random-erasing", "1.5"], "argument --random-erasing: expected a number from 0 to 1, got '1.5'"),
     (["--augment", "none", "--random-erasing", "0.25"], "--random-erasing erases boxes from augmented training "
                                                         "images, and this run does not augment them"),
@@ -227,13 +231,14 @@ def test_torchrun_stopped_by_a_nan_loss_says_so_once_and_leaves_cleanly(tiny_fol
 @pytest.mark.parametrize("setting, value, other, augment", [
     ("augment_magnitude", 27, 9, "strong"),  # RandAugment's strength
     ("random_erasing", 0.25, 0.0, "basic"),  # the share of images with a box erased
+    ("augment_fill", 128, 0, "autoaugment"),  # what the policy's geometric ops bring in
 ])
 def test_an_augmentation_setting_reaches_the_cached_loader_and_cannot_change_on_resume(
         tiny_folder, tmp_path, monkeypatch, capsys, setting, value, other, augment):
     from vit_helpers import gpu_data
 
     seen, make = [], gpu_data.make_cached_loaders
-    attribute = {"augment_magnitude": "magnitude", "random_erasing": "erasing"}[setting]
+    attribute = {"augment_magnitude": "magnitude", "random_erasing": "erasing", "augment_fill": "fill"}[setting]
 
     def recording(*args, **kwargs):
         loaders = make(*args, **kwargs)

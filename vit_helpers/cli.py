@@ -133,6 +133,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment-magnitude", type=int, metavar="M",
                         help="with --augment strong: RandAugment's strength on torchvision's scale, 0-30 (default 9, "
                              "a third of each op's range; DeiT's rand-m9 is 27)")
+    parser.add_argument("--augment-fill", type=int, metavar="V",
+                        help="with --augment strong or autoaugment: the grey level, 0-255, that their shears, shifts "
+                             "and rotations bring in from outside the image (default 0, black, torchvision's; 128 is "
+                             "the original AutoAugment's)")
     parser.add_argument("--random-erasing", type=fraction, metavar="P",
                         help="with --augment basic, strong or autoaugment: erase a random box (2-33%% of the area) "
                              "from this share of the training images, as torchvision's RandomErasing (default 0; "
@@ -311,6 +315,7 @@ def build_loaders(settings: dict, device: torch.device):
                                    augment=settings["augment"], crop_scale=settings["crop_scale"],
                                    crop_padding=settings["crop_padding"],
                                    augment_magnitude=settings["augment_magnitude"],
+                                   augment_fill=settings["augment_fill"],
                                    random_erasing=settings["random_erasing"],
                                    repeated_augmentation=settings["repeated_augmentation"],
                                    compile_augment=settings["compile_augment"])
@@ -319,13 +324,14 @@ def build_loaders(settings: dict, device: torch.device):
                                  num_workers=settings["num_workers"], augment=settings["augment"],
                                  crop_scale=settings["crop_scale"], crop_padding=settings["crop_padding"],
                                  augment_magnitude=settings["augment_magnitude"],
+                                 augment_fill=settings["augment_fill"],
                                  random_erasing=settings["random_erasing"],
                                  repeated_augmentation=settings["repeated_augmentation"])
 
 
 def prepare_run(args):
     """Everything before training, where any failure is a usage error: settings, device, data, model."""
-    from vit_helpers.data import _augment_policy, checked_crop, checked_erasing, checked_magnitude
+    from vit_helpers.data import _augment_policy, checked_crop, checked_erasing, checked_fill, checked_magnitude
     from vit_helpers.datasets import DatasetError
 
     out = Path(args.out)
@@ -347,6 +353,11 @@ def prepare_run(args):
         if args.augment_magnitude is not None and _augment_policy(settings["augment"]) != "strong":
             raise ValueError("--augment-magnitude sets RandAugment's strength, and this run does not use RandAugment: "
                              "add --augment strong, or drop --augment-magnitude.")
+        checked_fill(settings["augment_fill"])
+        if args.augment_fill is not None and _augment_policy(settings["augment"]) not in ("strong", "autoaugment"):
+            raise ValueError("--augment-fill sets what RandAugment's and AutoAugment's shears, shifts and rotations "
+                             "bring in, and this run uses neither: add --augment strong or autoaugment, or drop "
+                             "--augment-fill.")
         if settings["random_erasing"] and _augment_policy(settings["augment"]) == "none":
             raise ValueError("--random-erasing erases boxes from augmented training images, and this run does not "
                              "augment them: add --augment basic, strong or autoaugment, or drop --random-erasing.")

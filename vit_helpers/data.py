@@ -250,7 +250,7 @@ class VerifiedImageFolder(ImageFolder):
 
 def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE_MEAN, std=NORMALIZE_STD, *,
                      crop_scale: tuple[float, float] | None = None, crop_padding: int | None = None,
-                     magnitude: int = RANDAUGMENT_MAGNITUDE, erasing: float = 0.0):
+                     magnitude: int = RANDAUGMENT_MAGNITUDE, erasing: float = 0.0, fill: int = 0):
     """(train transform, test transform) for PIL images -> normalised float tensors (3, image_size, image_size).
 
     Test: resize the short side, centre crop, normalise (deterministic). Train: a random crop, then a horizontal
@@ -261,9 +261,12 @@ def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE
     of the area (None: RANDOM_CROP_SCALE), or, with crop_padding=P, the test transform's square shifted by up to P
     pixels with black coming in from outside (RandomCrop(image_size, padding=P): CIFAR's usual augmentation).
     `erasing` > 0: torchvision's RandomErasing with that probability, after normalisation (RANDOM_ERASING_SCALE).
+    `fill`: the grey level (0-255) that RandAugment's and AutoAugment's shears, shifts and rotations bring in from
+    outside the image (torchvision's `fill`; 0, black, its default; the original AutoAugment's is 128).
     """
     crop_scale, crop_padding = checked_crop(crop_scale, crop_padding)
     magnitude = checked_magnitude(magnitude)
+    fill = checked_fill(fill)
     erasing = checked_erasing(erasing, augment)
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     test = v2.Compose([*resize_and_crop(image_size).transforms, *to_tensor])
@@ -276,9 +279,10 @@ def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE
         crop = [*resize_and_crop(image_size).transforms, v2.RandomCrop(image_size, padding=crop_padding)]
     train = [*crop, v2.RandomHorizontalFlip()]
     if policy == "strong":
-        train.append(v2.RandAugment(num_ops=2, magnitude=magnitude, num_magnitude_bins=RANDAUGMENT_MAGNITUDE_BINS))
+        train.append(v2.RandAugment(num_ops=2, magnitude=magnitude, num_magnitude_bins=RANDAUGMENT_MAGNITUDE_BINS,
+                                    fill=fill))
     elif policy == "autoaugment":
-        train.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
+        train.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=fill))
     # On the normalised tensor, where 0 is the mean colour (torchvision's default fill; timm's, in DeiT, is noise).
     erase = [v2.RandomErasing(p=erasing, scale=RANDOM_ERASING_SCALE, ratio=RANDOM_ERASING_RATIO, value=0)]
     return v2.Compose([*train, *to_tensor, *(erase if erasing else [])]), test
@@ -306,6 +310,15 @@ def checked_crop_padding(crop_padding=None) -> int | None:
         raise ValueError(f"crop_padding must be a whole number of pixels, 0 or more, by which random crops shift "
                          f"the image (4 is CIFAR's usual), or None for random resized crops; got {crop_padding!r}.")
     return crop_padding
+
+
+def checked_fill(fill=0) -> int:
+    """The policies' fill as a whole grey level from 0 to 255, or a ValueError saying what to pass."""
+    if isinstance(fill, bool) or not isinstance(fill, int) or not 0 <= fill <= 255:
+        raise ValueError(f"augment_fill must be a whole grey level from 0 (black, torchvision's default) to 255: what "
+                         f"RandAugment's and AutoAugment's shears, shifts and rotations bring in (the original "
+                         f"AutoAugment's is 128); got {fill!r}.")
+    return fill
 
 
 def checked_magnitude(magnitude=RANDAUGMENT_MAGNITUDE) -> int:
@@ -497,7 +510,7 @@ def make_dataloaders(data_dir, image_size: int = 224, batch_size: int = 32, test
                      seed: int = 42, num_workers: int | None = None, augment: bool | str = True, *,
                      mean=NORMALIZE_MEAN, std=NORMALIZE_STD, crop_scale: tuple[float, float] | None = None,
                      crop_padding: int | None = None, augment_magnitude: int = RANDAUGMENT_MAGNITUDE,
-                     random_erasing: float = 0.0, repeated_augmentation: int = 1,
+                     random_erasing: float = 0.0, repeated_augmentation: int = 1, augment_fill: int = 0,
                      ) -> tuple[DataLoader, DataLoader, list[str]]:
     """(train loader, test loader, class names) for a dataset name ("sample", "animals10", "cifar10") or folder.
 
@@ -508,13 +521,14 @@ def make_dataloaders(data_dir, image_size: int = 224, batch_size: int = 32, test
     image by up to P pixels instead (`build_transforms`); augment="strong" adds RandAugment at
     `augment_magnitude` (0-30, RANDAUGMENT_MAGNITUDE), "autoaugment" AutoAugment's CIFAR-10 policy;
     random_erasing=p erases a box from that share of the training images (torchvision's RandomErasing);
-    repeated_augmentation=k shows a k-th of the images per epoch, each k times (`RepeatedAugmentationSampler`).
+    repeated_augmentation=k shows a k-th of the images per epoch, each k times (`RepeatedAugmentationSampler`);
+    augment_fill: the grey level the policies' geometric ops bring in (`build_transforms`' fill).
     Test: every image, in order, unaugmented.
     Batches are (images float32 (B, 3, S, S) normalised with mean/std, labels int64 (B,)).
     """
     train_transform, test_transform = build_transforms(image_size, augment, mean, std, crop_scale=crop_scale,
                                                        crop_padding=crop_padding, magnitude=augment_magnitude,
-                                                       erasing=random_erasing)
+                                                       erasing=random_erasing, fill=augment_fill)
     train_set, test_set, classes = load_image_datasets(data_dir, test_fraction, seed, train_transform,
                                                        test_transform)
     rank, world_size = distributed_info()

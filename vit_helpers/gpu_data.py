@@ -12,6 +12,7 @@ each epoch then only gathers rows, and the augmentation runs on the device in ba
                                               colour ops are masked tensor ops)
     augment="autoaugment"                   or AutoAugment's CIFAR-10 policy: one of its 25 pairs of ops per
                                               image, each op applied with its probability at its strength
+    augment_fill=v                          the grey level the policies' geometric ops bring in (0: black)
     random_erasing=p                        + a box erased from that share of the images (torchvision's
                                               RandomErasing boxes, one mask for the batch)
     repeated_augmentation=k                 a k-th of the images per epoch, each k times in a batch, every copy
@@ -28,10 +29,11 @@ that the centre crop cut off are never seen here. The crops are otherwise torchv
 aspect ratio drawn up to 10 times until the crop fits, else the whole square), though not rounded to whole pixels.
 The strong policy draws from torchvision's 14 RandAugment ops, each with its probability; the autoaugment policy
 from torchvision's own table of AutoAugment's CIFAR-10 policy. The geometric ops are torchvision's pixel for pixel
-(nearest-neighbour, shifts of whole pixels, shears about the top-left corner, black coming in), and so are the
-colour ops on the same input. The differences from torchvision's, small for training:
-- the colour ops run after all geometric ones whatever order they were drawn in, and act on float values: after
-  a resized crop (bilinear) those are not rounded to uint8 first;
+(nearest-neighbour, shifts of whole pixels, shears about the top-left corner, black coming in, or augment_fill's
+grey), and so are the colour ops on the same input. The differences from torchvision's, small for training:
+- the colour ops run after all geometric ones whatever order they were drawn in (so a grey fill takes the colour
+  op too where it was drawn first), and act on float values: after a resized crop (bilinear) those are not
+  rounded to uint8 first;
 - a resized crop is one bilinear resampling, not rounded to whole pixels, and without antialiasing.
 """
 
@@ -70,6 +72,7 @@ from vit_helpers.data import (
     check_split_classes,
     checked_crop,
     checked_erasing,
+    checked_fill,
     checked_magnitude,
     load_rgb,
     resize_and_crop,
@@ -335,15 +338,19 @@ def warp(images: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def apply_geometric_ops(images: torch.Tensor, ops: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def apply_geometric_ops(images: torch.Tensor, ops: tuple[torch.Tensor, ...], fill: float = 0.0) -> torch.Tensor:
     """images (B, C, H, W) through the ops `ops` ((B, 3, 3) each, from `geometric_op_matrices`, in the order
     applied), one `F.grid_sample` each, as torchvision applies them: nearest-neighbour (every pixel one of the
-    image's own, no blur), black for what an op brings in from outside the image it was given (so a shift to the
-    right and one back leave a black strip). The same pixels as torchvision's, except where a pixel's source lies
-    exactly halfway between two pixels: float rounding picks one of the two, in torchvision as here."""
+    image's own, no blur), `fill` (black by default, torchvision's) for what an op brings in from outside the image
+    it was given (so a shift to the right and one back leave a strip of it). The same pixels as torchvision's,
+    except where a pixel's source lies exactly halfway between two pixels: float rounding picks one of the two, in
+    torchvision as here."""
     for op in ops:
         grid = F.affine_grid(op[:, :2], list(images.shape), align_corners=False)  # (B, H, W, 2)
-        images = F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        # Sampling zeros outside, so the image minus the fill, and the fill added back: the fill outside.
+        shifted = images - fill if fill else images
+        images = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        images = images + fill if fill else images
     return images
 
 
@@ -393,7 +400,9 @@ class DeviceAugment:
     "autoaugment"). Random numbers come from a CPU generator, so results depend on (seed, epoch), not on the
     device. The crops are random resized crops keeping a `scale` share of the area, or with `padding` = P shifts of
     up to P pixels (`data.build_transforms`). `erasing` > 0: then a box erased from that share of the images, after
-    normalisation (`erasing_boxes`: torchvision's RandomErasing, as `data.build_transforms` uses it).
+    normalisation (`erasing_boxes`: torchvision's RandomErasing, as `data.build_transforms` uses it). `fill`: the
+    grey level (0-255) the policies' shears, shifts and rotations bring in (torchvision's `fill`; 0, black, its
+    default).
 
     `compile=True` runs the device part (resampling, colour ops, normalisation) through `torch.compile`: a few
     fused kernels instead of about 150 small ones per strong batch, which matters where launching kernels, not
@@ -404,11 +413,12 @@ class DeviceAugment:
 
     def __init__(self, policy: str = "basic", mean=NORMALIZE_MEAN, std=NORMALIZE_STD, scale=None,
                  compile: bool = False, *, padding: int | None = None, magnitude: int = RANDAUGMENT_MAGNITUDE,
-                 erasing: float = 0.0):
+                 erasing: float = 0.0, fill: int = 0):
         self.policy = _augment_policy(policy)
         self.scale, self.padding = checked_crop(scale, padding)
         self.magnitude = checked_magnitude(magnitude)
         self.erasing = checked_erasing(erasing, self.policy)
+        self.fill = checked_fill(fill)
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         self.compiled = compiled_augment_on_device() if compile and self.policy != "none" else None
         self._compiled_ran = False  # after one batch ran compiled, its errors are real errors, not the compiler's
@@ -465,7 +475,8 @@ class DeviceAugment:
         shifted = self.padding is not None
         if self.compiled is not None:
             try:
-                out = self.compiled(images, matrices, ops_and_amounts, self.mean, self.std, shifted, boxes)
+                out = self.compiled(images, matrices, ops_and_amounts, self.mean, self.std, shifted, boxes,
+                                    self.fill / 255)
             except Exception as error:
                 if self._compiled_ran or isinstance(error, torch.OutOfMemoryError):
                     raise  # not the compiler's doing: the plain version would fail the same way
@@ -475,7 +486,8 @@ class DeviceAugment:
             else:
                 self._compiled_ran = True
                 return out
-        return augment_on_device(images, matrices, ops_and_amounts, self.mean, self.std, shifted, boxes)
+        return augment_on_device(images, matrices, ops_and_amounts, self.mean, self.std, shifted, boxes,
+                                 self.fill / 255)
 
 
 def draws_slice(draws: tuple | None, start: int, stop: int) -> tuple | None:
@@ -489,9 +501,10 @@ def draws_slice(draws: tuple | None, start: int, stop: int) -> tuple | None:
 
 def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_and_amounts: torch.Tensor | None,
                       mean: torch.Tensor, std: torch.Tensor, shifted: bool = False,
-                      boxes: torch.Tensor | None = None) -> torch.Tensor:
+                      boxes: torch.Tensor | None = None, fill: float = 0.0) -> torch.Tensor:
     """`DeviceAugment`'s arithmetic on the device: uint8 `images` (B, 3, S, S) -> float32, cropped and moved by
-    `matrices` ((1 or 3, B, 3, 3): the crops, then the two geometric ops, `apply_geometric_ops`; None: neither;
+    `matrices` ((1 or 3, B, 3, 3): the crops, then the two geometric ops, `apply_geometric_ops` with `fill` in
+    [0, 1] coming in; None: neither;
     `shifted`: the crops are whole-pixel shifts, applied exactly by `shift_and_flip`, else resized crops, `warp`),
     recoloured by `ops_and_amounts` ((2, 2, B): the policy's two ops, as floats, and their amounts; None: none;
     the geometric ops' are in their matrices already), normalised, and with `boxes` ((B, 4) or None) erased."""
@@ -499,7 +512,7 @@ def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_a
     if matrices is not None:
         x = shift_and_flip(x, matrices[0]) if shifted else warp(x, matrices[0])
         if len(matrices) > 1:  # the ops see the crop as their image, black strips of a shift and all
-            x = apply_geometric_ops(x, tuple(matrices[1:]))
+            x = apply_geometric_ops(x, tuple(matrices[1:]), fill)
     if ops_and_amounts is not None:
         ops, amounts = ops_and_amounts[0].long(), ops_and_amounts[1]
         x = colour_ops(colour_ops(x, ops[0], amounts[0]), ops[1], amounts[1])
@@ -647,7 +660,8 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
                         keep_on_device: bool | None = None, num_replicas: int | None = None,
                         rank: int | None = None, compile_augment: bool = False,
                         augment_magnitude: int = RANDAUGMENT_MAGNITUDE, random_erasing: float = 0.0,
-                        repeated_augmentation: int = 1) -> tuple[CachedImageLoader, CachedImageLoader, list[str]]:
+                        repeated_augmentation: int = 1, augment_fill: int = 0,
+                        ) -> tuple[CachedImageLoader, CachedImageLoader, list[str]]:
     """(train loader, test loader, class names) that decode every image once and augment on `device`.
 
     `data_dir`: a folder or a name understood by `resolve_dataset`. The decoded images are saved in
@@ -657,7 +671,8 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     `crop_scale`: the training crops' share of the area (default RANDOM_CROP_SCALE), or `crop_padding`: shifted
     crops instead, as in `make_dataloaders`; `augment_magnitude`: the strong policy's RandAugment magnitude (0-30);
     `random_erasing`: the share of training images with a box erased (`DeviceAugment(erasing=)`);
-    `repeated_augmentation` k > 1: a k-th of the images per epoch, each k times (`RepeatedAugmentationSampler`).
+    `repeated_augmentation` k > 1: a k-th of the images per epoch, each k times (`RepeatedAugmentationSampler`);
+    `augment_fill`: the grey level the policies' geometric ops bring in (`DeviceAugment(fill=)`).
     `compile_augment`: the training augmentation through `torch.compile` (`DeviceAugment(compile=True)`). Under
     torch.distributed each process gets its shard (num_replicas and rank override that, e.g. for tests); rank 0
     builds the cache while the others wait.
@@ -693,7 +708,7 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
     train = CachedImageLoader(images, targets, train_rows, classes, batch_size, device, train=True,
                               augment=DeviceAugment(augment, mean, std, crop_scale, compile=compile_augment,
                                                     padding=crop_padding, magnitude=augment_magnitude,
-                                                    erasing=random_erasing),
+                                                    erasing=random_erasing, fill=augment_fill),
                               repeats=repeated_augmentation, **shared)
     if len(train) == 0:
         raise ValueError(f"the training set has {len(train.sampler)} images per process, fewer than batch_size "

@@ -18,6 +18,7 @@ from vit_helpers.data import (
     _augment_policy,
     checked_crop,
     checked_erasing,
+    checked_fill,
     checked_magnitude,
     checked_repeats,
 )
@@ -46,6 +47,9 @@ class Recipe:
     # policy; False: none
     augment: bool | str = True
     augment_magnitude: int = RANDAUGMENT_MAGNITUDE  # "strong": RandAugment's strength, 0-30 (DeiT's m9 is 27)
+    # "strong", "autoaugment": the grey level (0-255) their shears, shifts and rotations bring in; 0 (black) is
+    # torchvision's default, 128 the original AutoAugment's and the PIL policies' of the published CIFAR-10 ViT runs
+    augment_fill: int = 0
     random_erasing: float = 0.0  # the share of training images with a box erased (DeiT's: 0.25)
     repeated_augmentation: int = 1  # k > 1: a k-th of the images per epoch, each k times (DeiT's: 3)
     crop_scale: tuple[float, float] | None = None  # the random crops' share of the area; None: data.RANDOM_CROP_SCALE
@@ -76,6 +80,7 @@ class Recipe:
         self.model_config(num_classes=2), self.train_config()
         checked_crop(self.crop_scale, self.crop_padding), _augment_policy(self.augment)
         checked_magnitude(self.augment_magnitude), checked_erasing(self.random_erasing, self.augment)
+        checked_fill(self.augment_fill)
         checked_repeats(self.repeated_augmentation)
         return self
 
