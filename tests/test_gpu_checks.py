@@ -453,6 +453,7 @@ def test_sweep_variants_are_checked_when_the_arguments_are_parsed(gpu_checks, ca
         assert (recipe.batch_size, recipe.lr, recipe.warmup_epochs, recipe.random_erasing) == (batch, lr, 30, 0.25)
         assert (recipe.mixup_alpha, recipe.cutmix_alpha, recipe.mix_probability) == (1.0, 1.0, 0.5)
         assert (recipe.augment, recipe.crop_padding, recipe.label_smoothing) == ("autoaugment", 4, 0.1)
+        assert recipe.augment_fill == 128  # their PIL policy's grey
     reference = gpu_checks.sweep_variants([("cnn", "reference=resnet18")], [], "cuda")[0]
     assert reference["reference"] == "resnet18" and reference["changes"] == ["reference=resnet18"]
     assert all(variant["recipe"].compile_augment for variant in by_name.values())
