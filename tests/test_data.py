@@ -552,7 +552,7 @@ def test_the_cifar10_recipes_device_augmentation_is_torchvisions_pipeline_image_
     AutoAugment give, on the same float images (posterize, whose float version differs, on uint8). The device runs
     the colour ops after the geometric ones; in this policy the one pair with a colour op first (Color, TranslateX)
     commutes, and the policy's strengths never land a source halfway between two pixels at 32 px, so every image
-    is fixed by its draws. With fill 128 (the original AutoAugment's grey) what the ops bring in is that grey,
+    is fixed by its draws. With fill 128 (the published runs' PIL policy's grey) what the ops bring in is that grey,
     in torchvision as on the device."""
     from torchvision.transforms import v2
     from torchvision.transforms.v2 import functional as TF
@@ -1079,7 +1079,8 @@ def test_basic_device_crops_never_blend_in_black_at_the_border():
 
 
 @pytest.mark.parametrize("policy, crop", [("basic", {"scale": (0.5, 1.0)}), ("strong", {"scale": (0.5, 1.0)}),
-                                          ("strong", {"padding": 4, "erasing": 0.5}), ("autoaugment", {"padding": 4})])
+                                          ("strong", {"padding": 4, "erasing": 0.5}), ("autoaugment", {"padding": 4}),
+                                          ("autoaugment", {"padding": 4, "fill": 128})])
 def test_compiled_device_augmentation_equals_the_plain_one(policy, crop):
     """DeviceAugment(compile=True): the same draws and the same images to float rounding (here torch.compile's CPU
     backend; on a GPU, tests/test_cuda.py compares it with the CPU's plain version)."""

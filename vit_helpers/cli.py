@@ -135,8 +135,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "a third of each op's range; DeiT's rand-m9 is 27)")
     parser.add_argument("--augment-fill", type=int, metavar="V",
                         help="with --augment strong or autoaugment: the grey level, 0-255, that their shears, shifts "
-                             "and rotations bring in from outside the image (default 0, black, torchvision's; 128 is "
-                             "the original AutoAugment's)")
+                             "and rotations bring in from outside the image (default 0, black, torchvision's; 128, "
+                             "mid-grey, is what the published CIFAR-10 ViT runs used)")
     parser.add_argument("--random-erasing", type=fraction, metavar="P",
                         help="with --augment basic, strong or autoaugment: erase a random box (2-33%% of the area) "
                              "from this share of the training images, as torchvision's RandomErasing (default 0; "

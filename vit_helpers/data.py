@@ -262,7 +262,8 @@ def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE
     pixels with black coming in from outside (RandomCrop(image_size, padding=P): CIFAR's usual augmentation).
     `erasing` > 0: torchvision's RandomErasing with that probability, after normalisation (RANDOM_ERASING_SCALE).
     `fill`: the grey level (0-255) that RandAugment's and AutoAugment's shears, shifts and rotations bring in from
-    outside the image (torchvision's `fill`; 0, black, its default; the original AutoAugment's is 128).
+    outside the image (torchvision's `fill`; 0, black, its default; the published CIFAR-10 ViT runs' PIL policy
+    used 128).
     """
     crop_scale, crop_padding = checked_crop(crop_scale, crop_padding)
     magnitude = checked_magnitude(magnitude)
@@ -316,8 +317,8 @@ def checked_fill(fill=0) -> int:
     """The policies' fill as a whole grey level from 0 to 255, or a ValueError saying what to pass."""
     if isinstance(fill, bool) or not isinstance(fill, int) or not 0 <= fill <= 255:
         raise ValueError(f"augment_fill must be a whole grey level from 0 (black, torchvision's default) to 255: what "
-                         f"RandAugment's and AutoAugment's shears, shifts and rotations bring in (the original "
-                         f"AutoAugment's is 128); got {fill!r}.")
+                         f"RandAugment's and AutoAugment's shears, shifts and rotations bring in (128, mid-grey, "
+                         f"is what the published CIFAR-10 ViT runs used); got {fill!r}.")
     return fill
 
 

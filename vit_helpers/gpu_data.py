@@ -238,7 +238,8 @@ def geometric_op_matrices(ops: torch.Tensor, amounts: torch.Tensor, size: int) -
     each by its `amounts` (batch,): the signed share of the op's largest change, +-magnitude / 30 for RandAugment.
     Maps from output to input coordinates of a square `size` image, as `F.affine_grid` takes them ([-1, 1] from
     edge to edge), built as torchvision's `F.affine` builds its own for the op (v2.RandAugment, v2.AutoAugment):
-    rotations of up to 30 degrees anticlockwise about the centre, shears by up to 0.3 about the top-left corner
+    rotations of up to 30 degrees about the centre (anticlockwise for a positive amount, as torchvision's angle),
+    shears by up to 0.3 about the top-left corner
     (x' = x + m y), shifts of up to 150/331 of the side rounded towards zero to whole pixels (torchvision's
     int()). The same amount means the same change as torchvision's magnitude, sign included."""
     matrices = torch.eye(3).repeat(len(ops), 1, 1)
@@ -504,8 +505,8 @@ def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_a
                       boxes: torch.Tensor | None = None, fill: float = 0.0) -> torch.Tensor:
     """`DeviceAugment`'s arithmetic on the device: uint8 `images` (B, 3, S, S) -> float32, cropped and moved by
     `matrices` ((1 or 3, B, 3, 3): the crops, then the two geometric ops, `apply_geometric_ops` with `fill` in
-    [0, 1] coming in; None: neither;
-    `shifted`: the crops are whole-pixel shifts, applied exactly by `shift_and_flip`, else resized crops, `warp`),
+    [0, 1] coming in; None: neither; `shifted`: the crops are whole-pixel shifts, applied exactly by
+    `shift_and_flip`, else resized crops, `warp`),
     recoloured by `ops_and_amounts` ((2, 2, B): the policy's two ops, as floats, and their amounts; None: none;
     the geometric ops' are in their matrices already), normalised, and with `boxes` ((B, 4) or None) erased."""
     x = images.float().div_(255)

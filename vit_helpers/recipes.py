@@ -48,7 +48,7 @@ class Recipe:
     augment: bool | str = True
     augment_magnitude: int = RANDAUGMENT_MAGNITUDE  # "strong": RandAugment's strength, 0-30 (DeiT's m9 is 27)
     # "strong", "autoaugment": the grey level (0-255) their shears, shifts and rotations bring in; 0 (black) is
-    # torchvision's default, 128 the original AutoAugment's and the PIL policies' of the published CIFAR-10 ViT runs
+    # torchvision's default, 128 (mid-grey) the PIL policy's of the published CIFAR-10 ViT runs
     augment_fill: int = 0
     random_erasing: float = 0.0  # the share of training images with a box erased (DeiT's: 0.25)
     repeated_augmentation: int = 1  # k > 1: a k-th of the images per epoch, each k times (DeiT's: 3)
