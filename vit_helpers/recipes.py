@@ -122,8 +122,9 @@ RECIPES: dict[str, Recipe] = {
         description=("CIFAR-10 from scratch on one H100/H200: the paper's architecture at 32 px with 4x4 patches, "
                      "the images cached and augmented on the GPU. The goal, >= 90% test accuracy within 10 minutes, "
                      "is NOT met yet: measured on an H200, 2026-11-27 (BENCHMARKS.md), 0.830 after 170 of these 184 "
-                     "epochs in 8.5 minutes (the earlier batch-512 recipe with RandAugment: 0.742). Check: "
-                     "scripts/gpu_checks.py --checks cifar; variants side by side: --checks sweep"),
+                     "epochs in 8.5 minutes, when the device's shears, shifts and rotations were still bilinear "
+                     "(now nearest-neighbour, as torchvision's; the earlier batch-512 recipe with RandAugment: "
+                     "0.742). Check: scripts/gpu_checks.py --checks cifar; variants side by side: --checks sweep"),
         data="cifar10",
         # omihub777/ViT-CIFAR's published run (90.9% from scratch in 200 epochs) as our engine spells it: its model
         # (4x4 patches, D=384, 7 layers, 12 heads, MLP 384: 6,268,810 parameters), its batch of 128, Adam's 1e-3
