@@ -77,9 +77,9 @@ def test_a_checkpoint_written_on_the_gpu_gives_the_same_predictions_on_the_cpu(t
 def test_augmentation_on_the_gpu_equals_the_same_augmentation_on_the_cpu():
     # DeviceAugment draws its random numbers on the CPU, so (seed, epoch) decide the result on any device.
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    # padding: shifted crops; erasing: a box erased from half of the images
+    # padding: shifted crops; erasing: a box erased from half of the images; fill: grey where the ops shift in
     for policy, crop in (("basic", {}), ("strong", {}), ("strong", {"padding": 4, "erasing": 0.5}),
-                         ("autoaugment", {"padding": 4})):
+                         ("autoaugment", {"padding": 4}), ("autoaugment", {"padding": 4, "fill": 128})):
         on_cpu = DeviceAugment(policy, **crop)(images, torch.Generator().manual_seed(7))
         for compiled in (False, True):  # compiled: a few fused kernels (torch.compile), the same draws
             augment = DeviceAugment(policy, compile=compiled, **crop)
