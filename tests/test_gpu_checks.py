@@ -402,6 +402,8 @@ def test_sweep_trains_every_variant_side_by_side_and_tables_them(gpu_checks, arc
         assert 0 <= variant["test_accuracy"] <= 1
     rows = [row for row in saved["summary"] if row[0] == "sweep"]
     assert rows[0][1].startswith("tiny (model_overrides=") and rows[1][1] == "cnn (reference=resnet18)"
+    # The ViT is judged against the cifar10 target (a verdict, "(smoke)" at these sizes); the CNN is not a ViT
+    assert rows[0][3:] == [gpu_checks.CIFAR_TARGET, "(smoke)"] and rows[1][3:] == ["", ""]  # JSON: lists
     assert all("2/2 epochs" in row[2] for row in rows[:2])
     assert rows[2][1] == "best test accuracy"
     assert (tmp_path / "out" / "sweep_cnn.log").read_text().count("epoch 2/2") >= 1
@@ -430,6 +432,18 @@ def test_a_sweep_variant_shortens_its_schedule_to_end_by_the_deadline(gpu_checks
     assert "2/50 epochs (stopped after the probe: 3 fit)" in gpu_checks.sweep_result(stopped, 50, 1.0)
     cut = dict(saved, history=saved["history"][:3])
     assert "3/4 epochs (budget hit) (of 50: shortened to fit)" in gpu_checks.sweep_result(cut, 50, 1.0)
+
+
+def test_a_sweep_variant_meets_the_cifar10_target_only_at_090_with_its_schedule_ended_within_10_minutes(gpu_checks):
+    def saved(accuracy, done=40, scheduled=40):
+        return {"history": [{"test_accuracy": 0.5}] * (done - 1) + [{"test_accuracy": accuracy}],
+                "epochs_scheduled": scheduled}
+
+    assert gpu_checks.sweep_verdict(saved(0.9), 8.5) == "PASS"
+    assert gpu_checks.sweep_verdict(saved(0.8999), 8.5) == "FAIL"
+    assert gpu_checks.sweep_verdict(saved(0.95, done=30), 8.5) == "FAIL"  # the budget cut its schedule short
+    assert gpu_checks.sweep_verdict(saved(0.95, done=3, scheduled=None), 8.5) == "FAIL"  # stopped after the probe
+    assert gpu_checks.sweep_verdict(saved(0.95), 12) == "FAIL"  # a sweep longer than the target's 10 minutes
 
 
 def test_sweep_variants_are_checked_when_the_arguments_are_parsed(gpu_checks, capsys):
