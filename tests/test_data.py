@@ -506,9 +506,8 @@ def test_device_geometric_ops_are_torchvisions_pixel_for_pixel(policy, size):
             magnitude = float(strengths(bins, size, size)[level]) * sign
             expected = augment._apply_image_or_video_transform(pixels, name, magnitude, augment.interpolation,
                                                                augment._fill)
-            op = gpu_data.geometric_op_matrices(torch.tensor([gpu_data.DEVICE_OPS.index(
-                {"ShearX": "shear_x", "ShearY": "shear_y", "TranslateX": "translate_x", "TranslateY": "translate_y",
-                 "Rotate": "rotate"}[name])]), torch.tensor([sign * level / (bins - 1)]), size)
+            op = gpu_data.geometric_op_matrices(torch.tensor([gpu_data.torchvision_op(name)]),
+                                                torch.tensor([sign * level / (bins - 1)]), size)
             actual = gpu_data.apply_geometric_ops(pixels.float() / 255, (op,))
             assert_same_pixels(actual, expected.float() / 255, halfway_pixels((op,), size), f"{name} {level} {sign}")
 
@@ -519,16 +518,16 @@ def test_two_device_geometric_ops_are_torchvisions_one_after_the_other():
     drawn at random, at 32 px."""
     from torchvision.transforms import v2
 
-    size, names = 32, {"ShearX": "shear_x", "ShearY": "shear_y", "TranslateX": "translate_x",
-                       "TranslateY": "translate_y", "Rotate": "rotate"}
+    size = 32
     autoaugment = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
     randaugment = v2.RandAugment(magnitude=9, num_magnitude_bins=31)
-    pairs = [(autoaugment, 10, [(name, level) if name in names else ("Identity", 0) for name, _, level in pair])
-             for pair in autoaugment._policies if any(name in names for name, _, _ in pair)]
+    pairs = [(autoaugment, 10, [(name, level) if name in GEOMETRIC_OPS else ("Identity", 0)
+                                for name, _, level in pair])
+             for pair in autoaugment._policies if any(name in GEOMETRIC_OPS for name, _, _ in pair)]
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
-        drawn = torch.randint(len(names), (2,), generator=generator).tolist()
-        pairs.append((randaugment, 31, [(list(names)[index], 9) for index in drawn]))
+        drawn = torch.randint(len(GEOMETRIC_OPS), (2,), generator=generator).tolist()
+        pairs.append((randaugment, 31, [(GEOMETRIC_OPS[index], 9) for index in drawn]))
     pixels = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=generator)
     for augment, bins, pair in pairs:
         for signs in ((1.0, 1.0), (1.0, -1.0), (-1.0, 1.0), (-1.0, -1.0)):
@@ -539,7 +538,7 @@ def test_two_device_geometric_ops_are_torchvisions_one_after_the_other():
                 magnitude = float(augment._AUGMENTATION_SPACE[name][0](bins, size, size)[level]) * sign
                 expected = augment._apply_image_or_video_transform(expected, name, magnitude, augment.interpolation,
                                                                    augment._fill)
-                ops.append(gpu_data.geometric_op_matrices(torch.tensor([gpu_data.DEVICE_OPS.index(names[name])]),
+                ops.append(gpu_data.geometric_op_matrices(torch.tensor([gpu_data.torchvision_op(name)]),
                                                           torch.tensor([sign * level / (bins - 1)]), size))
             actual = gpu_data.apply_geometric_ops(pixels.float() / 255, tuple(ops))
             assert_same_pixels(actual, expected.float() / 255, halfway_pixels(tuple(ops), size), f"{pair} {signs}")
@@ -568,7 +567,7 @@ def test_the_cifar10_recipes_device_augmentation_is_torchvisions_pipeline_image_
     matrices, (ops, amounts), _ = draws
     assert not halfway_pixels(tuple(matrices[1:]), size).any()
     autoaugment = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=fill / 255)  # on float images: [0, 1]
-    names = {name.lower(): name for name in autoaugment._AUGMENTATION_SPACE}
+    names = {gpu_data.torchvision_op(name): name for name in autoaugment._AUGMENTATION_SPACE}
     for index in range(count):
         dx, dy = (round(float(matrices[0, index, row, 2]) * size / 2) for row in (0, 1))
         expected = TF.crop(TF.pad(pixels[index], [padding]), padding + dy, padding + dx, size, size).float() / 255
@@ -576,7 +575,7 @@ def test_the_cifar10_recipes_device_augmentation_is_torchvisions_pipeline_image_
         for slot in range(2):
             if ops[slot, index] == gpu_data.DEVICE_OPS.index("identity"):  # an op not applied (its probability)
                 continue
-            name = names[gpu_data.DEVICE_OPS[int(ops[slot, index])].replace("_", "")]
+            name = names[int(ops[slot, index])]
             strengths = autoaugment._AUGMENTATION_SPACE[name][0](10, size, size)
             amount = float(amounts[slot, index])
             magnitude = 0.0 if strengths is None else (

@@ -169,8 +169,14 @@ RANDAUGMENT_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y
 #: Every op the device applies: RandAugment's, and invert, which only AutoAugment uses.
 DEVICE_OPS = (*RANDAUGMENT_OPS, "invert")
 _OP = {name: index for index, name in enumerate(DEVICE_OPS)}
+_BY_TORCHVISION_NAME = {name.replace("_", ""): index for name, index in _OP.items()}  # "shearx": shear_x's
 #: AutoAugment counts each op's strength in 10 bins, 0 to 9, up to the same largest changes as RandAugment's.
 AUTOAUGMENT_BINS = 10
+
+
+def torchvision_op(name: str) -> int:
+    """The index in DEVICE_OPS of the op torchvision's policies call `name` ("ShearX": shear_x's)."""
+    return _BY_TORCHVISION_NAME[name.lower()]
 
 
 @functools.cache
@@ -181,8 +187,7 @@ def autoaugment_table() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     (drawn with a random sign, as torchvision does)."""
     space = v2.AutoAugment._AUGMENTATION_SPACE  # name -> (strengths for num_bins, signed)
     policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)._policies  # [((name, p, bin), (name, p, bin)), ...]
-    index = {name.replace("_", ""): number for name, number in _OP.items()}  # "shear_x" -> "shearx", as "ShearX"
-    ops = [[index[name.lower()] for name, _, _ in pair] for pair in policy]
+    ops = [[torchvision_op(name) for name, _, _ in pair] for pair in policy]
     probabilities = [[p for _, p, _ in pair] for pair in policy]
     amounts = [[0.0 if level is None else level / (AUTOAUGMENT_BINS - 1) for _, _, level in pair] for pair in policy]
     signed = [[space[name][1] for name, _, _ in pair] for pair in policy]
@@ -239,28 +244,24 @@ def geometric_op_matrices(ops: torch.Tensor, amounts: torch.Tensor, size: int) -
     Maps from output to input coordinates of a square `size` image, as `F.affine_grid` takes them ([-1, 1] from
     edge to edge), built as torchvision's `F.affine` builds its own for the op (v2.RandAugment, v2.AutoAugment):
     rotations of up to 30 degrees about the centre (anticlockwise for a positive amount, as torchvision's angle),
-    shears by up to 0.3 about the top-left corner
-    (x' = x + m y), shifts of up to 150/331 of the side rounded towards zero to whole pixels (torchvision's
-    int()). The same amount means the same change as torchvision's magnitude, sign included."""
+    shears by up to 0.3 about the top-left corner (x' = x + m y), shifts of up to 150/331 of the side rounded
+    towards zero to whole pixels (torchvision's int()). The same amount means the same change as torchvision's
+    magnitude, sign included."""
     matrices = torch.eye(3).repeat(len(ops), 1, 1)
-    shear = torch.where((ops == _OP["shear_x"]) | (ops == _OP["shear_y"]), 0.3 * amounts, 0)
-    pixels = (150 / 331 * size * amounts).trunc()  # torchvision's translate=[int(magnitude), 0]
-    shift = torch.where((ops == _OP["translate_x"]) | (ops == _OP["translate_y"]), pixels * (2 / size), 0)
-    x_op, y_op = (ops == _OP["shear_x"]) | (ops == _OP["translate_x"]), (ops == _OP["shear_y"]) | (
-        ops == _OP["translate_y"])
-    # Output pixel (x, y) shows input pixel (x + m (y - top), y) for a shear, (x - t, y) for a shift of t. In [-1, 1]
-    # units the top edge is at -1, and a shift of t pixels is 2t / size.
-    matrices[:, 0, 1] = torch.where(ops == _OP["shear_x"], shear, 0)
-    matrices[:, 1, 0] = torch.where(ops == _OP["shear_y"], shear, 0)
-    matrices[:, 0, 2] = torch.where(x_op, shear - shift, 0)
-    matrices[:, 1, 2] = torch.where(y_op, shear - shift, 0)
+    shear = 0.3 * amounts
+    shift = (150 / 331 * size * amounts).trunc() * (2 / size)  # torchvision's int() pixels; [-1, 1] is 2 wide
+    # Output pixel (x, y) shows input pixel (x + m (y - top), y) for a shear, (x - t, y) for a shift of t; in
+    # [-1, 1] units the top edge is at -1. The same along y, with the axes swapped.
+    for axis, (shear_op, shift_op) in enumerate((("shear_x", "translate_x"), ("shear_y", "translate_y"))):
+        sheared, shifted = ops == _OP[shear_op], ops == _OP[shift_op]
+        matrices[:, axis, 1 - axis] = torch.where(sheared, shear, 0)
+        matrices[:, axis, 2] = torch.where(sheared, shear, torch.where(shifted, -shift, 0))
     # Anticlockwise as seen (y points down): output (x, y) shows input (x cos - y sin, x sin + y cos), so what was
-    # just below the right edge's middle comes up to it.
+    # just below the right edge's middle comes up to it. Angle 0, the identity, for the other ops.
     angle = torch.where(ops == _OP["rotate"], math.radians(30) * amounts, 0)
     cos, sin = angle.cos(), angle.sin()
-    rotating = (ops == _OP["rotate"]).view(-1, 1, 1)
     rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # (batch, 2, 2)
-    matrices[:, :2, :2] = torch.where(rotating, rotation, matrices[:, :2, :2])
+    matrices[:, :2, :2] = rotation @ matrices[:, :2, :2]
     return matrices
 
 
@@ -349,8 +350,8 @@ def apply_geometric_ops(images: torch.Tensor, ops: tuple[torch.Tensor, ...], fil
     for op in ops:
         grid = F.affine_grid(op[:, :2], list(images.shape), align_corners=False)  # (B, H, W, 2)
         # Sampling zeros outside, so the image minus the fill, and the fill added back: the fill outside.
-        shifted = images - fill if fill else images
-        images = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        offset = images - fill if fill else images
+        images = F.grid_sample(offset, grid, mode="nearest", padding_mode="zeros", align_corners=False)
         images = images + fill if fill else images
     return images
 
@@ -506,9 +507,9 @@ def augment_on_device(images: torch.Tensor, matrices: torch.Tensor | None, ops_a
     """`DeviceAugment`'s arithmetic on the device: uint8 `images` (B, 3, S, S) -> float32, cropped and moved by
     `matrices` ((1 or 3, B, 3, 3): the crops, then the two geometric ops, `apply_geometric_ops` with `fill` in
     [0, 1] coming in; None: neither; `shifted`: the crops are whole-pixel shifts, applied exactly by
-    `shift_and_flip`, else resized crops, `warp`),
-    recoloured by `ops_and_amounts` ((2, 2, B): the policy's two ops, as floats, and their amounts; None: none;
-    the geometric ops' are in their matrices already), normalised, and with `boxes` ((B, 4) or None) erased."""
+    `shift_and_flip`, else resized crops, `warp`), recoloured by `ops_and_amounts` ((2, 2, B): the policy's two
+    ops, as floats, and their amounts; None: none; the geometric ops' are in their matrices already), normalised,
+    and with `boxes` ((B, 4) or None) erased."""
     x = images.float().div_(255)
     if matrices is not None:
         x = shift_and_flip(x, matrices[0]) if shifted else warp(x, matrices[0])
