@@ -331,7 +331,7 @@ def build_loaders(settings: dict, device: torch.device):
 
 def prepare_run(args):
     """Everything before training, where any failure is a usage error: settings, device, data, model."""
-    from vit_helpers.data import _augment_policy, checked_crop, checked_erasing, checked_fill, checked_magnitude
+    from vit_helpers.data import _augment_policy, check_augmentation
     from vit_helpers.datasets import DatasetError
 
     out = Path(args.out)
@@ -348,20 +348,22 @@ def prepare_run(args):
             raise ValueError("--mix-probability sets the share of batches that MixUp or CutMix mixes, and this run "
                              "mixes none: add --mixup 0.8 and/or --cutmix 1.0, or drop --mix-probability.")
         train_config(settings)  # and the optimisation settings
-        checked_crop(settings["crop_scale"], settings["crop_padding"])
-        checked_magnitude(settings["augment_magnitude"])
-        if args.augment_magnitude is not None and _augment_policy(settings["augment"]) != "strong":
+        # The flags that a run's augmentation would ignore, by their flag names, before the shared checks' own
+        # messages (which name the settings)
+        policy = _augment_policy(settings["augment"])
+        if args.augment_magnitude is not None and policy != "strong":
             raise ValueError("--augment-magnitude sets RandAugment's strength, and this run does not use RandAugment: "
                              "add --augment strong, or drop --augment-magnitude.")
-        checked_fill(settings["augment_fill"])
-        if args.augment_fill is not None and _augment_policy(settings["augment"]) not in ("strong", "autoaugment"):
+        if args.augment_fill is not None and policy not in ("strong", "autoaugment"):
             raise ValueError("--augment-fill sets what RandAugment's and AutoAugment's shears, shifts and rotations "
                              "bring in, and this run uses neither: add --augment strong or autoaugment, or drop "
                              "--augment-fill.")
-        if settings["random_erasing"] and _augment_policy(settings["augment"]) == "none":
+        if settings["random_erasing"] and policy == "none":
             raise ValueError("--random-erasing erases boxes from augmented training images, and this run does not "
                              "augment them: add --augment basic, strong or autoaugment, or drop --random-erasing.")
-        checked_erasing(settings["random_erasing"], settings["augment"])
+        check_augmentation(settings["augment"], settings["crop_scale"], settings["crop_padding"],
+                           settings["augment_magnitude"], settings["random_erasing"], settings["augment_fill"],
+                           settings["repeated_augmentation"])
         if settings["compile_augment"] and not settings["cached"]:
             raise ValueError("--compile-augment compiles the cached loaders' augmentation, and this run does not "
                              "use them: add --cached (a new run) or --no-compile-augment.")

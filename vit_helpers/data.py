@@ -382,6 +382,14 @@ def training_sampler(dataset, seed: int, repeats: int = 1, num_replicas: int | N
     return RepeatedAugmentationSampler(dataset, repeats, num_replicas=num_replicas, rank=rank, seed=seed)
 
 
+def check_augmentation(augment: bool | str = True, crop_scale=None, crop_padding=None,
+                       magnitude=RANDAUGMENT_MAGNITUDE, erasing=0.0, fill=0, repeats=1) -> None:
+    """Every augmentation setting at once, as the loaders will check them (a ValueError that says what): for a
+    recipe or a command line, before any image is read."""
+    _augment_policy(augment), checked_crop(crop_scale, crop_padding), checked_magnitude(magnitude)
+    checked_erasing(erasing, augment), checked_fill(fill), checked_repeats(repeats)
+
+
 def checked_crop(crop_scale=None, crop_padding=None) -> tuple[tuple[float, float], int | None]:
     """(crop_scale, crop_padding) checked, the scale's default filled in. They choose between two kinds of
     random crop, so giving both is an error."""

@@ -13,15 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from vit_helpers.data import (
-    RANDAUGMENT_MAGNITUDE,
-    _augment_policy,
-    checked_crop,
-    checked_erasing,
-    checked_fill,
-    checked_magnitude,
-    checked_repeats,
-)
+from vit_helpers.data import RANDAUGMENT_MAGNITUDE, check_augmentation
 from vit_helpers.model import ViTConfig
 from vit_helpers.training import TrainConfig
 
@@ -78,10 +70,8 @@ class Recipe:
         """The recipe, once what the model, the optimiser or the loaders would refuse has been found now, before
         any data is read: a ValueError that says what."""
         self.model_config(num_classes=2), self.train_config()
-        checked_crop(self.crop_scale, self.crop_padding), _augment_policy(self.augment)
-        checked_magnitude(self.augment_magnitude), checked_erasing(self.random_erasing, self.augment)
-        checked_fill(self.augment_fill)
-        checked_repeats(self.repeated_augmentation)
+        check_augmentation(self.augment, self.crop_scale, self.crop_padding, self.augment_magnitude,
+                           self.random_erasing, self.augment_fill, self.repeated_augmentation)
         return self
 
 
