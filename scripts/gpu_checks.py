@@ -711,6 +711,10 @@ def same_run_in_every_mode(runs: list[dict]) -> list[tuple]:
     return rows
 
 
+#: Issue 5's target for the cifar10 recipe: this test accuracy within this many minutes of one H100/H200.
+CIFAR_TARGET_ACCURACY, CIFAR_TARGET_MINUTES = 0.90, 10
+
+
 def fit_within_budget(model, train_loader, test_loader, config, checkpoint: Path, budget: float, started: float,
                       progress: bool) -> dict:
     """Train `config`'s schedule, shortened where it cannot end within `budget` seconds of `started`
@@ -792,11 +796,11 @@ def check_cifar(args, device, results) -> list[tuple]:
                         "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
                         "fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
                         "history": history}
-    verdict = "PASS" if accuracy >= 0.9 and wall <= budget and finished else "FAIL"
+    verdict = "PASS" if accuracy >= CIFAR_TARGET_ACCURACY and wall <= budget and finished else "FAIL"
     seconds_per_epoch = statistics.median([r["seconds"] for r in history[1:]] or [history[0]["seconds"]])
     shortened = f" (of {planned} planned: --cifar-set epochs={epochs})" if epochs < planned else ""
     return [("cifar", f"recipe cifar10, {len(history)}/{epochs} epochs{'' if finished else ' (budget hit)'}"
-                      f"{shortened}", f"test accuracy {accuracy:.4f}", ">= 0.90", verdict),
+                      f"{shortened}", f"test accuracy {accuracy:.4f}", f">= {CIFAR_TARGET_ACCURACY:.2f}", verdict),
             ("cifar", "wall time (decode, compile, train, evaluate)", f"{wall / 60:.1f} min",
              f"<= {args.cifar_minutes:g} min", "PASS" if wall <= budget else "FAIL"),
             ("cifar", "seconds per epoch (median after the first)", f"{seconds_per_epoch:.1f} s", "", "")]
@@ -806,7 +810,7 @@ def check_cifar(args, device, results) -> list[tuple]:
 #: twelfth session (BENCHMARKS.md, "What 'repeated augmentation 3' meant"): Lee et al. 2021 ("Vision Transformer for
 #: Small-Size Datasets") report 93.6% on CIFAR-10 for a plain ViT of 2.7 M parameters, and their "100 epochs with
 #: repeated augmentation 3" are FixRes's batch sampler with an epoch three times the data: 300 passes, 117,000 steps
-#: of 128. At the recipe's 5.3 ms per step of 128 (bound by the host, not the GPU's arithmetic) 10 minutes hold about
+#: of 128. At the recipe's 5.3 ms per step of 128 (most likely bound by the host: unprofiled) 10 minutes hold about
 #: 170 passes; a batch of 512 ran at 2.4 times the images per second. So their model and regularisers (stochastic
 #: depth 0.1, random erasing 0.25, MixUp and CutMix on half the batches, 30 passes of warm-up, the recipe's
 #: AutoAugment after shifted crops, with the grey fill of their PIL policy, and label smoothing) at batches of 256
@@ -924,7 +928,7 @@ def check_sweep(args, device, results) -> list[tuple]:
 
 
 #: The cifar10 target as the sweep's rows state it: a ViT variant that meets it meets issue 5's target.
-CIFAR_TARGET = ">= 0.90, schedule ended, <= 10 min"
+CIFAR_TARGET = f">= {CIFAR_TARGET_ACCURACY:.2f}, schedule ended, <= {CIFAR_TARGET_MINUTES} min"
 
 
 def sweep_verdict(saved: dict, sweep_minutes: float) -> str:
@@ -933,7 +937,8 @@ def sweep_verdict(saved: dict, sweep_minutes: float) -> str:
     a run alone would, so the same schedule alone ends sooner."""
     history, scheduled = saved["history"], saved["epochs_scheduled"]
     ended = scheduled is not None and len(history) == scheduled
-    return "PASS" if ended and history[-1]["test_accuracy"] >= 0.9 and sweep_minutes <= 10 else "FAIL"
+    return "PASS" if ended and history[-1]["test_accuracy"] >= CIFAR_TARGET_ACCURACY and \
+        sweep_minutes <= CIFAR_TARGET_MINUTES else "FAIL"
 
 
 def sweep_result(saved: dict, sweep_epochs: int, pace: float) -> str:
