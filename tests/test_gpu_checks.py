@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from test_training import paper_vit_parameters
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_checks.py"
@@ -453,8 +455,7 @@ def test_sweep_variants_are_checked_when_the_arguments_are_parsed(gpu_checks, ca
     # --cifar-set gives all
     by_name = {variant["name"]: variant for variant in gpu_checks.sweep_variants(args.sweep, args.cifar_set, "cuda")}
     # Lee et al. 2021's plain ViT (4x4 patches, D=192, 9 layers of 12 heads, MLP 384): 2,697,610 parameters, counted
-    # from the equations (patch embedding 9,408, class token 192, positions 65 x 192, 9 layers of 297,024, the final
-    # norm 384, the head 1,930), with their regularisers, at two batch sizes
+    # from the equations, with their regularisers, at two batch sizes
     assert set(by_name) == {"lee-b256", "lee-b512"}
     for name, batch, lr in (("lee-b256", 256, 1.4e-3), ("lee-b512", 512, 2e-3)):
         recipe = by_name[name]["recipe"]
@@ -463,7 +464,7 @@ def test_sweep_variants_are_checked_when_the_arguments_are_parsed(gpu_checks, ca
             (192, 9, 12, 384, 4)
         assert (config.drop_path, config.init) == (0.1, "timm") and by_name[name]["reference"] is None
         assert sum(parameter.numel() for parameter in gpu_checks.ViT(config).parameters()) == \
-            9408 + 192 + 65 * 192 + 9 * 297024 + 384 + 1930 == 2697610
+            paper_vit_parameters(width=192, layers=9, mlp_dim=384) == 2697610
         assert (recipe.batch_size, recipe.lr, recipe.warmup_epochs, recipe.random_erasing) == (batch, lr, 30, 0.25)
         assert (recipe.mixup_alpha, recipe.cutmix_alpha, recipe.mix_probability) == (1.0, 1.0, 0.5)
         assert (recipe.augment, recipe.crop_padding, recipe.label_smoothing) == ("autoaugment", 4, 0.1)

@@ -500,7 +500,7 @@ def test_every_epoch_tells_the_distributed_sampler_its_number_also_after_resumin
 
 
 def test_a_recipe_builds_the_model_and_training_configs_it_names():
-    from vit_helpers.recipes import RECIPES, get_recipe
+    from vit_helpers.recipes import RECIPES
 
     for name, recipe in RECIPES.items():
         model_config = recipe.model_config(num_classes=10)
@@ -520,17 +520,21 @@ def test_a_recipe_builds_the_model_and_training_configs_it_names():
     assert on_gpu.train_config().compile_mode == "reduce-overhead"
 
 
-def test_the_cifar10_recipe_is_the_published_runs_model_and_schedule():
-    """omihub777/ViT-CIFAR's 6.3 M-parameter ViT, counted from Eq. 1-4 rather than from our model: per layer the
-    four attention projections and the two MLP layers (each D x D plus a bias, its MLP being D wide) and two
-    LayerNorms; then the patch embedding (4x4x3 -> D), the class token, 65 position embeddings, the final
-    LayerNorm and the 10-class head."""
-    from vit_helpers.recipes import get_recipe
+def paper_vit_parameters(width: int, layers: int, mlp_dim: int, patch: int = 4, image: int = 32,
+                         classes: int = 10) -> int:
+    """A ViT's parameters counted from Eq. 1-4 rather than from our model: per layer the four attention projections
+    (each D x D plus a bias), the MLP's two layers and two LayerNorms; then the patch embedding (P x P x 3 -> D),
+    the class token, the position embeddings (the patches and the class token), the final LayerNorm and the head."""
+    tokens = (image // patch) ** 2 + 1
+    per_layer = 4 * (width * width + width) + (width * mlp_dim + mlp_dim) + (mlp_dim * width + width) + 2 * 2 * width
+    return (layers * per_layer + (patch * patch * 3 * width + width) + width + tokens * width + 2 * width
+            + (width * classes + classes))
 
+
+def test_the_cifar10_recipe_is_the_published_runs_model_and_schedule():
+    """omihub777/ViT-CIFAR's 6.3 M-parameter ViT (D=384, 7 layers, its MLP D wide), counted from the equations."""
     recipe = get_recipe("cifar10", "cuda")
-    width, tokens = 384, (32 // 4) ** 2 + 1
-    per_layer = 4 * (width * width + width) + 2 * (width * width + width) + 2 * 2 * width
-    expected = 7 * per_layer + (4 * 4 * 3 * width + width) + width + tokens * width + 2 * width + (width * 10 + 10)
+    expected = paper_vit_parameters(width=384, layers=7, mlp_dim=384)
     assert expected == 6_268_810
     config = recipe.model_config(num_classes=10)
     assert (config.patch_size, config.num_heads, config.init) == (4, 12, "timm")
