@@ -715,6 +715,22 @@ def same_run_in_every_mode(runs: list[dict]) -> list[tuple]:
 CIFAR_TARGET_ACCURACY, CIFAR_TARGET_MINUTES = 0.90, 10
 
 
+def seconds_per_epoch(history: list[dict], eval_every: int) -> float:
+    """The steady pace of `history`'s run, evaluations included: the median epoch's training (after the first
+    epoch, which compiles) and the median evaluation's share, one every `eval_every` epochs (`TrainConfig`'s). Where
+    the run evaluated less often than it trained (eval_every > 1, or a probe that evaluated only where it stopped),
+    the median of whole epochs would count an evaluation in each, or in none."""
+    steady = history[1:] or history
+    training_seconds = statistics.median(record["seconds"] - record.get("evaluation_seconds", 0.0) for record in steady)
+
+    def timed(records):  # histories written before evaluations were timed count them in "seconds"
+        return [record["evaluation_seconds"] for record in training.evaluated(records)
+                if "evaluation_seconds" in record]
+
+    evaluations = timed(steady) or timed(history) or [0.0]
+    return training_seconds + statistics.median(evaluations) / eval_every
+
+
 def fit_within_budget(model, train_loader, test_loader, config, checkpoint: Path, budget: float, started: float,
                       progress: bool) -> dict:
     """Train `config`'s schedule, shortened where it cannot end within `budget` seconds of `started`
@@ -743,14 +759,14 @@ def fit_within_budget(model, train_loader, test_loader, config, checkpoint: Path
         history = training.fit(model, train_loader, test_loader, config=config, progress=progress,
                                checkpoint_path=checkpoint, resume=True, stop_after_epoch=probe)
     elapsed = time.perf_counter() - started
-    pace = statistics.median(record["seconds"] for record in history[1:] or history)
+    pace = seconds_per_epoch(history, config.eval_every)
     fitting = epochs_that_fit(epochs, len(history), elapsed, pace, budget)
     result = {"planned": planned, "epochs": epochs, "pace": pace, "exact": True, "fitting": fitting}
     if fitting < epochs and not len(history) <= config.warmup_epochs < fitting:
         checkpoint.unlink(missing_ok=True)
         return result | {"history": history, "exact": False, "projected": elapsed + (epochs - len(history)) * pace}
     if fitting < epochs:
-        print(f"{epochs} epochs at {pace:.2f} s each (the median of epochs 2-{len(history)}) would end after "
+        print(f"{epochs} epochs at {pace:.2f} s each (epochs 2-{len(history)}'s pace) would end after "
               f"{(elapsed + (epochs - len(history)) * pace) / 60:.1f} min: shortening the schedule to {fitting} "
               f"epochs, the most that fit {budget / 60:g} min", flush=True)
         epochs, config = fitting, replace(config, epochs=fitting)
@@ -797,13 +813,13 @@ def check_cifar(args, device, results) -> list[tuple]:
                         "fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
                         "history": history}
     verdict = "PASS" if accuracy >= CIFAR_TARGET_ACCURACY and wall <= budget and finished else "FAIL"
-    seconds_per_epoch = statistics.median([r["seconds"] for r in history[1:]] or [history[0]["seconds"]])
+    pace = seconds_per_epoch(history, config.eval_every)
     shortened = f" (of {planned} planned: --cifar-set epochs={epochs})" if epochs < planned else ""
     return [("cifar", f"recipe cifar10, {len(history)}/{epochs} epochs{'' if finished else ' (budget hit)'}"
                       f"{shortened}", f"test accuracy {accuracy:.4f}", f">= {CIFAR_TARGET_ACCURACY:.2f}", verdict),
             ("cifar", "wall time (decode, compile, train, evaluate)", f"{wall / 60:.1f} min",
              f"<= {args.cifar_minutes:g} min", "PASS" if wall <= budget else "FAIL"),
-            ("cifar", "seconds per epoch (median after the first)", f"{seconds_per_epoch:.1f} s", "", "")]
+            ("cifar", "seconds per epoch (median after the first, evaluations included)", f"{pace:.1f} s", "", "")]
 
 
 #: The sweep's variants where --sweep names none: each a name and its changes to the cifar10 recipe. Chosen in the
@@ -911,13 +927,14 @@ def check_sweep(args, device, results) -> list[tuple]:
                          "FAIL"))
             continue
         saved = json.loads(path.read_text())
-        history, pace = saved["history"], statistics.median([r["seconds"] for r in saved["history"][1:]]
-                                                            or [saved["history"][-1]["seconds"]])
+        history = saved["history"]
+        pace = seconds_per_epoch(history, saved["recipe"].get("eval_every", 1))
         target = ("", "") if variant["reference"] else (CIFAR_TARGET, sweep_verdict(saved, args.sweep_minutes))
         rows.append(("sweep", label, sweep_result(saved, args.sweep_epochs, pace), *target))
         found.append({"name": variant["name"], "changes": variant["changes"], "model": saved["model"],
                       "parameters": saved["parameters"], "epochs_done": len(history),
-                      "epochs_scheduled": saved["epochs_scheduled"], "test_accuracy": history[-1]["test_accuracy"],
+                      "epochs_scheduled": saved["epochs_scheduled"],
+                      "test_accuracy": training.evaluated(history)[-1]["test_accuracy"],
                       "seconds_per_epoch": pace, "history": history})
     results["sweep"] = {"epochs": args.sweep_epochs, "cifar_set": args.cifar_set, "variants": found,
                         "wall_seconds": time.perf_counter() - started}
@@ -950,7 +967,10 @@ def sweep_result(saved: dict, sweep_epochs: int, pace: float) -> str:
     else:
         ended = f"{len(history)}/{scheduled} epochs" + ("" if len(history) == scheduled else " (budget hit)") + (
             f" (of {sweep_epochs}: shortened to fit)" if scheduled < sweep_epochs else "")
-    return f"test acc {last['test_accuracy']:.4f}, train acc {last['train_accuracy']:.3f}, {ended}, {pace:.1f} s/epoch"
+    tested = training.evaluated(history)[-1]  # the last epoch, where a run's own history ends (fit evaluates it)
+    at = "" if tested is last else f" (epoch {tested['epoch']})"
+    return (f"test acc {tested['test_accuracy']:.4f}{at}, train acc {last['train_accuracy']:.3f}, {ended}, "
+            f"{pace:.1f} s/epoch")
 
 
 def run_sweep_child(args, device) -> int:

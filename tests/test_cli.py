@@ -83,6 +83,21 @@ def test_train_with_plain_loaders_and_no_recipe(tiny_folder, tmp_path):
     assert len(metrics["history"]) == 1
 
 
+def test_eval_every_evaluates_less_often_and_may_change_on_resume(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--epochs", "3", "--eval-every", "2", "--stop-after-epoch", "1")) == 0
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert history[0]["test_accuracy"] is not None  # a session is evaluated where it stops
+    assert main(["train", "--out", str(out), "--resume", "--eval-every", "3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [record["test_accuracy"] is not None for record in metrics["history"]] == [True, False, True]
+    assert metrics["settings"]["eval_every"] == 3 and metrics["train_config"]["eval_every"] == 3
+    assert metrics["best_test_accuracy"] == max(metrics["history"][0]["test_accuracy"], metrics["test_accuracy"])
+    assert (out / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert main(train_args(tiny_folder, tmp_path / "bad", "--eval-every", "0")) == 2
+    assert "--eval-every" in capsys.readouterr().err
+
+
 def test_resume_continues_the_run(tiny_folder, tmp_path):
     out = tmp_path / "run"
     assert main(train_args(tiny_folder, out, "--stop-after-epoch", "1")) == 0

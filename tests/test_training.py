@@ -1,6 +1,7 @@
 """The training engine: it learns, its optimiser and schedule are the intended ones, it counts accuracy over
 samples, it resumes exactly, it stops cleanly on NaN and Ctrl-C, and it trains under DDP with two processes."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -84,7 +85,7 @@ def test_fit_learns_a_separable_task():
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
     assert history[-1]["test_accuracy"] >= 0.9  # chance is 0.25
     assert set(history[0]) >= {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr",
-                               "images_per_second", "seconds"}
+                               "images_per_second", "seconds", "evaluation_seconds"}
 
 
 def test_no_weight_decay_on_norms_biases_class_token_and_position_embeddings():
@@ -162,8 +163,11 @@ def assert_same_tensors(first, second):
         assert first == second
 
 
+TIMINGS = ("images_per_second", "seconds", "evaluation_seconds")
+
+
 def without_timings(history):
-    return [{k: v for k, v in record.items() if k not in ("images_per_second", "seconds")} for record in history]
+    return [{key: value for key, value in record.items() if key not in TIMINGS} for record in history]
 
 
 @pytest.mark.parametrize("mixing", [{}, {"mixup_alpha": 0.4, "cutmix_alpha": 1.0},
@@ -356,6 +360,65 @@ def test_a_time_limit_stops_before_an_epoch_that_would_end_past_it():
     assert not training._should_stop(2, None, 80.0, now - 50, 20.0, world_size=1)
     assert not training._should_stop(2, None, None, now - 50, 20.0, world_size=1)
     assert training._should_stop(2, 3, None, now, 20.0, world_size=1)  # stop_after_epoch=3: epoch index 2 is the 3rd
+
+
+def test_evaluating_every_n_epochs_trains_the_same_and_evaluates_the_last_epoch_of_each_session(tmp_path):
+    def run(**changes):
+        model = tiny_vit()
+        config = dataclasses.replace(CONFIG, **changes)
+        return model, fit(model, *loaders(train_size=64), 5, config=config, progress=False)
+
+    every_epoch, history = run()
+    model, sparse = run(eval_every=2)
+    assert [record["test_accuracy"] is not None for record in sparse] == [False, True, False, True, True]
+    assert all(record["test_loss"] is None and record["evaluation_seconds"] == 0 for record in sparse[::2][:2])
+    for record, reference in zip(sparse, history):  # evaluating changes nothing in training
+        assert record["train_loss"] == reference["train_loss"] and record["lr"] == reference["lr"]
+        if record["test_accuracy"] is not None:
+            assert (record["test_loss"], record["test_accuracy"]) == (reference["test_loss"],
+                                                                      reference["test_accuracy"])
+            assert record["evaluation_seconds"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), every_epoch.state_dict().values()))
+    assert training.evaluated(sparse) == [sparse[1], sparse[3], sparse[4]]
+    assert "test: not evaluated" in training._summary_line(sparse[0], 5)
+
+    # A session that stops early is evaluated where it stops, and the resumed one goes on with the same rhythm.
+    path, config = tmp_path / "checkpoint.pt", dataclasses.replace(CONFIG, eval_every=2)
+    first = fit(tiny_vit(), *loaders(train_size=64), 5, config=config, progress=False, checkpoint_path=path,
+                stop_after_epoch=3)
+    assert [record["test_accuracy"] is not None for record in first] == [False, True, True]
+    resumed = fit(tiny_vit(), *loaders(train_size=64), 5, config=config, progress=False, checkpoint_path=path,
+                  resume=True)
+    assert [record["test_accuracy"] is not None for record in resumed] == [False, True, True, True, True]
+    assert [record["train_loss"] for record in resumed] == [record["train_loss"] for record in history]
+
+    with pytest.raises(ValueError, match="eval_every is the number of epochs between evaluations"):
+        TrainConfig(eval_every=0)
+
+
+def test_the_time_limit_forecast_counts_the_evaluations_to_come(monkeypatch):
+    """After an epoch, the next one is forecast to take as long to train, plus an evaluation (a session is
+    evaluated where it stops), plus this epoch's own evaluation when one is due: with evaluations of at least
+    0.2 s, a forecast short of them would let a time limit overshoot."""
+    forecasts, slow = [], training.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        training.time.sleep(0.2)
+        return slow(*args, **kwargs)
+
+    def recording(epoch, stop_after_epoch, time_limit_s, started, next_epoch_seconds, world_size):
+        forecasts.append(next_epoch_seconds)
+        return False
+
+    monkeypatch.setattr(training, "evaluate", slow_evaluate)
+    monkeypatch.setattr(training, "_should_stop", recording)
+    history = fit(tiny_vit(), *loaders(train_size=32), 4, config=dataclasses.replace(CONFIG, eval_every=2),
+                  progress=False)
+    trained = [record["seconds"] - record["evaluation_seconds"] for record in history]
+    assert forecasts[:2] == pytest.approx(trained[:2], abs=0.05)  # no evaluation timed yet
+    assert forecasts[2] == pytest.approx(trained[2] + history[1]["evaluation_seconds"], abs=0.05)
+    assert forecasts[3] == pytest.approx(trained[3] + 2 * history[1]["evaluation_seconds"], abs=0.05)
+    assert history[1]["evaluation_seconds"] >= 0.2
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ from vit_helpers.recipes import RECIPES, Recipe, get_recipe, one_kind_of_crop  #
 
 #: What `--resume` may change; everything else comes from the checkpoint, so the run continues as it began.
 RESUMABLE_FLAGS = ("data", "epochs", "device", "compile", "compile_mode", "compile_augment", "num_workers",
-                   "cpu_threads")
+                   "cpu_threads", "eval_every")
 #: The files a finished run writes into OUT besides its checkpoint.
 RESULT_FILES = ("metrics.json", "loss_curves.png", "confusion_matrix.png", "predictions.png")
 
@@ -165,6 +165,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --cached: run the augmentation through torch.compile (fewer, fused kernels; "
                              "nothing to compile with --augment none)")
     parser.add_argument("--recipe", help=f"a named configuration: {', '.join(RECIPES)}; flags override it")
+    parser.add_argument("--eval-every", type=positive_int, metavar="N",
+                        help="evaluate on the test set every N epochs (default 1), and always after the last")
     parser.add_argument("--out", required=True, help="folder for checkpoint.pt, metrics.json and the plots")
     parser.add_argument("--resume", action="store_true",
                         help=f"continue from OUT/checkpoint.pt with the run's own settings; only "
@@ -437,7 +439,7 @@ def write_results(out: Path, settings, model, history, class_names, probabilitie
     metrics = {
         "test_accuracy": history[-1]["test_accuracy"],
         "test_loss": history[-1]["test_loss"],
-        "best_test_accuracy": max(record["test_accuracy"] for record in history),
+        "best_test_accuracy": max(record["test_accuracy"] for record in training.evaluated(history)),
         "epochs_completed": history[-1]["epoch"],
         "images_per_second": statistics.median(steady),  # training, all processes, after the first epoch
         "world_size": world_size,

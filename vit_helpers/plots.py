@@ -15,13 +15,15 @@ from matplotlib.figure import Figure
 
 
 def plot_history(history: Sequence[dict[str, float]]) -> Figure:
-    """Train and test loss (left) and accuracy (right) per epoch, from `fit`'s history."""
-    epochs = [record["epoch"] for record in history]
+    """Train and test loss (left) and accuracy (right) per epoch, from `fit`'s history; the test curves at the
+    epochs that were evaluated (all of them, unless `TrainConfig.eval_every` > 1)."""
     figure = Figure(figsize=(10, 4), layout="constrained")
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     for split, style in (("train", "o-"), ("test", "s--")):
-        loss_axes.plot(epochs, [r[f"{split}_loss"] for r in history], style, label=split)
-        accuracy_axes.plot(epochs, [r[f"{split}_accuracy"] for r in history], style, label=split)
+        records = [r for r in history if r[f"{split}_accuracy"] is not None]
+        epochs = [r["epoch"] for r in records]
+        loss_axes.plot(epochs, [r[f"{split}_loss"] for r in records], style, label=split)
+        accuracy_axes.plot(epochs, [r[f"{split}_accuracy"] for r in records], style, label=split)
     loss_axes.set(xlabel="epoch", ylabel="cross-entropy", title="loss (train with label smoothing)")
     accuracy_axes.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1.02))
     for axes in (loss_axes, accuracy_axes):

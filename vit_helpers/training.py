@@ -77,9 +77,16 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     log_every: int = 25  # steps between progress-bar updates (each one synchronises with the GPU)
+    # Epochs between evaluations on the test set. The schedule's last epoch, and the last one of a session that
+    # stops early, are always evaluated; the other epochs' records have test_loss and test_accuracy None. Where an
+    # epoch takes a second (a small model, CIFAR-10), evaluating after each one costs several per cent of the run.
+    eval_every: int = 1
     checkpoint_every: int = 1  # epochs between checkpoints; the last epoch of a session is always saved
 
     def __post_init__(self) -> None:
+        if not isinstance(self.eval_every, int) or self.eval_every < 1:
+            raise ValueError(f"eval_every is the number of epochs between evaluations, a whole number of at least 1, "
+                             f"got {self.eval_every!r}.")
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
             raise ValueError(f"mixup_alpha and cutmix_alpha must be 0 (off) or positive, got {self.mixup_alpha} "
                              f"and {self.cutmix_alpha}.")
@@ -677,8 +684,9 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
         config: TrainConfig | None = None, class_names=None, checkpoint_path: str | os.PathLike | None = None,
         resume: bool = False, stop_after_epoch: int | None = None, time_limit_s: float | None = None,
         progress: bool = True, metadata: dict | None = None) -> list[dict[str, float]]:
-    """Train `model` for `epochs` (or `config.epochs`), evaluating after each epoch. Returns the history: one
-    dict per epoch with train/test loss and accuracy, learning rate, images/s and seconds.
+    """Train `model` for `epochs` (or `config.epochs`), evaluating after each epoch (or every
+    `config.eval_every`, and always after the last). Returns the history: one dict per epoch with train/test loss
+    and accuracy (None where not evaluated), learning rate, images/s, seconds and evaluation_seconds.
 
     - `checkpoint_path`: written atomically (by rank 0, the other processes waiting for it) every
       `config.checkpoint_every` epochs and at the end.
@@ -721,6 +729,9 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
                         else getattr(getattr(model, "config", None), "num_classes", None))
     eval_loader, eval_distributed = evaluation_loader(test_loader, rank, world_size)
     save = _saver(rank, world_size, checkpoint_path, optimizer, scheduler, config, class_names, metadata)
+    # The last evaluation's duration, for the time limit's forecast (0 until one has been timed)
+    evaluation_seconds = next((record.get("evaluation_seconds", 0.0) for record in reversed(history)
+                               if record["test_accuracy"] is not None), 0.0)
     started = time.perf_counter()
     with GracefulStop(enabled=world_size == 1) as stop:
         for epoch in range(start_epoch, config.epochs):
@@ -745,14 +756,23 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
                 save(model, epoch, history, tally)
                 raise KeyboardInterrupt(f"stopped in epoch {epoch + 1} after step {tally.step}"
                                         + (f"; checkpoint saved to {checkpoint_path}" if checkpoint_path else ""))
-            record = _epoch_record(epoch, tally, evaluate(eval_model, eval_loader, device, config.amp,
-                                                          eval_distributed), scheduler, world_size, epoch_started)
+            due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+            # Would the next epoch end past the time limit? It trains as long as this one, and is evaluated if the
+            # session stops after it; this epoch's own evaluation, if due, comes first.
+            next_epoch_seconds = time.perf_counter() - epoch_started + evaluation_seconds * (1 + due)
+            stopping = stop.requested or _should_stop(epoch, stop_after_epoch, time_limit_s, started,
+                                                      next_epoch_seconds, world_size)
+            test = None
+            if due or stopping:  # the last epoch of a session is always evaluated: its accuracy is reported
+                evaluation_started = time.perf_counter()
+                test = evaluate(eval_model, eval_loader, device, config.amp, eval_distributed)
+                evaluation_seconds = time.perf_counter() - evaluation_started
+            record = _epoch_record(epoch, tally, test, scheduler, world_size, epoch_started,
+                                   evaluation_seconds if test else 0.0)
             history.append(record)
             tally = None
             if rank == 0 and progress:
                 tqdm.write(_summary_line(record, config.epochs))
-            stopping = stop.requested or _should_stop(epoch, stop_after_epoch, time_limit_s, started,
-                                                      record["seconds"], world_size)
             if stopping or epoch + 1 == config.epochs or (epoch + 1) % config.checkpoint_every == 0:
                 save(model, epoch + 1, history)
             if stop.requested:  # Ctrl-C during the epoch's last step: the epoch is complete and saved
@@ -806,31 +826,43 @@ def _check_same_steps_everywhere(steps_per_epoch: int) -> None:
                          f"data.make_dataloaders does.")
 
 
-def _epoch_record(epoch, tally, test, scheduler, world_size, epoch_started) -> dict[str, float]:
+def _epoch_record(epoch, tally, test, scheduler, world_size, epoch_started,
+                  evaluation_seconds: float) -> dict[str, float | None]:
+    """One epoch of the history. `test`: `evaluate`'s result, or None for an epoch not evaluated
+    (`TrainConfig.eval_every`), whose test_loss and test_accuracy are then None."""
     loss_sum, correct, count = tally.totals(world_size > 1)  # checked finite by train_one_epoch
     return {
         "epoch": epoch + 1,
         "train_loss": loss_sum / count,
         "train_accuracy": correct / count,
-        "test_loss": test["loss"],
-        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"] if test else None,
+        "test_accuracy": test["accuracy"] if test else None,
         "lr": scheduler.get_last_lr()[0],
         "images_per_second": count / max(tally.seconds, 1e-9),  # every process's images together
-        "seconds": time.perf_counter() - epoch_started,
+        "seconds": time.perf_counter() - epoch_started,  # training and evaluation
+        "evaluation_seconds": evaluation_seconds,  # 0 when not evaluated
     }
 
 
+def evaluated(history: list[dict]) -> list[dict]:
+    """The records of `history` whose epoch was evaluated on the test set (every one, unless
+    `TrainConfig.eval_every` > 1)."""
+    return [record for record in history if record["test_accuracy"] is not None]
+
+
 def _summary_line(record: dict[str, float], epochs: int) -> str:
+    test = (f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}"
+            if record["test_accuracy"] is not None else "test: not evaluated this epoch")
     return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} acc "
-            f"{record['train_accuracy']:.4f} | test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}"
-            f" | lr {record['lr']:.2e} | {record['images_per_second']:.0f} img/s | {record['seconds']:.1f} s")
+            f"{record['train_accuracy']:.4f} | {test} | lr {record['lr']:.2e} | {record['images_per_second']:.0f} "
+            f"img/s | {record['seconds']:.1f} s")
 
 
-def _should_stop(epoch, stop_after_epoch, time_limit_s, started, epoch_seconds, world_size) -> bool:
-    """After `epoch`: stop at `stop_after_epoch`, or when another epoch as long as this one would end past the
-    time limit (stopping only once past it would overshoot by up to an epoch)."""
+def _should_stop(epoch, stop_after_epoch, time_limit_s, started, next_epoch_seconds, world_size) -> bool:
+    """After `epoch`: stop at `stop_after_epoch`, or when the next epoch, taking `next_epoch_seconds`, would end
+    past the time limit (stopping only once past it would overshoot by up to an epoch)."""
     stop = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
-    stop = stop or (time_limit_s is not None and time.perf_counter() - started + epoch_seconds > time_limit_s)
+    stop = stop or (time_limit_s is not None and time.perf_counter() - started + next_epoch_seconds > time_limit_s)
     if world_size > 1:  # the clocks differ between ranks: stop if any rank says so
         stop = bool(_all_reduce(float(stop), op=dist.ReduceOp.MAX)[0])
     return stop
