@@ -418,16 +418,18 @@ def loader_milliseconds_per_batch(loader, device) -> float:
 
 def augmentations_agree(plain_loader, compiled_loader) -> float:
     """The share of values on which the two loaders' augmentations agree (within 1e-4) for the same draws on the
-    loaders' first batch of stored images. Rounding differs between kernels; a value at a posterize, solarize or
-    equalize threshold may land on the other side: a few values in ten thousand, not whole images."""
+    loaders' first chunk of stored images (the batches they augment at once). Rounding differs between kernels; a
+    value at a posterize, solarize or equalize threshold may land on the other side: a few values in ten thousand,
+    not whole images."""
     from vit_helpers.gpu_data import draws_slice
 
-    images = plain_loader.images[plain_loader.rows[:plain_loader.batch_size].to(plain_loader.images.device)]
+    count = min(plain_loader.images_augmented_at_once, len(plain_loader.rows))
+    images = plain_loader.images[plain_loader.rows[:count].to(plain_loader.images.device)]
     images = images.to(plain_loader.device)
-    # Drawn and sliced as the loader does, so the compiled loader reuses the graph it compiled for its batches.
+    # Drawn and sliced as the loader does, so the compiled loader reuses the graph it compiled for its chunks.
     draws = plain_loader.augment.draw(plain_loader.images_drawn_at_once, torch.Generator().manual_seed(0),
                                       images.shape[-1], plain_loader.device)
-    draws = draws_slice(draws, 0, len(images))
+    draws = draws_slice(draws, 0, count)
     expected = plain_loader.augment.apply(images, draws)
     got = compiled_loader.augment.apply(images, draws)
     return float(((got - expected).abs() < 1e-4).float().mean())

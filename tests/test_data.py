@@ -915,6 +915,76 @@ def test_a_cached_loader_draws_several_batches_augmentations_at_once_and_each_ba
             torch.testing.assert_close(image, original.flip(-1) if flip < 0 else original, rtol=0, atol=1e-5)
 
 
+def test_a_cached_loader_augments_as_many_whole_batches_at_once_as_divide_a_draw_and_fit_the_memory_cap():
+    from types import SimpleNamespace
+
+    def at_once(size, batch):
+        loader = SimpleNamespace(images=torch.empty(1, 3, size, size, dtype=torch.uint8), batch_size=batch)
+        loader.images_drawn_at_once = gpu_data.CachedImageLoader.images_drawn_at_once.fget(loader)
+        return gpu_data.CachedImageLoader.images_augmented_at_once.fget(loader)
+
+    assert at_once(32, 512) == 16384 and at_once(32, 128) == 16384  # a whole draw: 201 MB of float32 images
+    assert at_once(32, 384) == 16128  # 42 batches of 384 per draw (16,384 rounded down to whole batches)
+    assert at_once(224, 512) == 512 and at_once(224, 256) == 256  # one batch: two would pass 256 MiB
+    assert at_once(224, 64) == 4 * 64  # 6 batches of 38.5 MB fit, and 4 is the largest that divides 256 per draw
+
+
+@pytest.mark.parametrize("augment", ["strong", "autoaugment"])
+def test_augmenting_batches_together_gives_each_batch_the_images_it_gets_alone(tmp_path, monkeypatch, augment):
+    """Whole chunks of batches augmented at once, or one batch at a time (a memory cap below one batch): the same
+    batches, the last, shorter one of the test set included."""
+    root = make_tree(tmp_path / "tree", per_class=10, size=(8, 8))
+    monkeypatch.setattr(gpu_data, "IMAGES_DRAWN_AT_ONCE", 12)
+
+    def epoch(loader):
+        loader.set_epoch(3)
+        return [(images.clone(), labels) for images, labels in loader]
+
+    train, test, _ = make_cached_loaders(root, image_size=8, batch_size=4, device="cpu", augment=augment,
+                                         random_erasing=0.5, cache_dir=tmp_path / "cache", test_fraction=0.3)
+    assert (train.images_augmented_at_once, test.images_augmented_at_once) == (12, 12)
+    together = epoch(train), epoch(test)
+    applied, apply = [], train.augment.apply
+    monkeypatch.setattr(train.augment, "apply", lambda images, draws: applied.append(len(images)) or
+                        apply(images, draws))
+    monkeypatch.setattr(gpu_data, "AUGMENTED_BYTES_AT_ONCE", 1)
+    assert (train.images_augmented_at_once, test.images_augmented_at_once) == (4, 4)
+    alone = epoch(train), epoch(test)
+    assert applied == [4] * len(train) and len(train) == 5 and [len(x) for x, _ in alone[1]] == [4, 4, 1]
+    for split_together, split_alone in zip(together, alone):
+        assert len(split_together) == len(split_alone)
+        for (images, labels), (expected, expected_labels) in zip(split_together, split_alone):
+            assert torch.equal(labels, expected_labels)
+            torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+
+
+def test_a_compiled_augmentation_runs_the_epochs_last_shorter_chunk_through_its_one_graph(tmp_path, monkeypatch):
+    """The last chunk of an epoch holds fewer batches: made up to full size, it runs the graph compiled for the
+    others, and the images it adds are not given out."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    monkeypatch.setattr(gpu_data, "compiled_augment_on_device",
+                        lambda: torch.compile(gpu_data.augment_on_device, backend=counter, dynamic=False))
+    monkeypatch.setattr(gpu_data, "IMAGES_DRAWN_AT_ONCE", 18)
+    root = make_tree(tmp_path / "tree", per_class=10, size=(8, 8))
+    compiled, _, _ = make_cached_loaders(root, image_size=8, batch_size=6, device="cpu", augment="strong",
+                                         cache_dir=tmp_path / "cache", compile_augment=True)
+    plain, _, _ = make_cached_loaders(root, image_size=8, batch_size=6, device="cpu", augment="strong",
+                                      cache_dir=tmp_path / "cache")
+    assert compiled.images_augmented_at_once == 18 and len(compiled) == 4  # 25 images: chunks of 3 batches and 1
+    for epoch in (0, 1):
+        compiled.set_epoch(epoch), plain.set_epoch(epoch)
+        got, expected = list(compiled), list(plain)
+        assert [len(images) for images, _ in got] == [6, 6, 6, 6]
+        for (images, labels), (plain_images, plain_labels) in zip(got, expected):
+            assert torch.equal(labels, plain_labels)
+            torch.testing.assert_close(images, plain_images, rtol=0, atol=1e-5)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
 def test_a_compiled_loader_augmentation_compiles_once_for_every_batch(tmp_path, monkeypatch):
     """Each batch's slice of the parameters drawn at once has the same layout, so torch.compile (which guards on
     shapes and strides) builds one graph for all of them, not one more per slice or draw."""

@@ -438,8 +438,8 @@ class DeviceAugment:
 
         A draw costs about 200 small CPU operations whatever the count, plus a little per image: 0.68 ms for 512
         strong resized crops on one core, 7.8 ms for 16,384 (0.24 ms per 512). So `CachedImageLoader` draws many
-        batches' parameters at once and gives each batch its slice (`draws_slice`): where a small model's step
-        takes milliseconds, the saving counts."""
+        batches' parameters at once and gives each chunk of batches it augments together its slice (`draws_slice`):
+        where a small model's step takes milliseconds, the saving counts."""
         if self.policy == "none":
             return None
         device = torch.device(device)
@@ -563,6 +563,9 @@ class CachedImages:
 
 #: How many training images' augmentation parameters a cached loader draws at once (2 MB of them, strong policy).
 IMAGES_DRAWN_AT_ONCE = 16384
+#: The most memory a cached loader's augmented images (float32) take at once: it augments whole batches together, as
+#: many as fit (all of a draw's at 32 px: 201 MB for 16,384; one batch at a time at 224 px).
+AUGMENTED_BYTES_AT_ONCE = 256 * 2**20
 
 
 class CachedImageLoader:
@@ -610,20 +613,41 @@ class CachedImageLoader:
         stream = np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(stream))
         size, draws, draw_size = self.images.shape[-1], None, self.images_drawn_at_once
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            offset = start % draw_size
+        chunk = self.images_augmented_at_once
+        end = min(len(self) * self.batch_size, len(epoch_rows))  # training: full batches only
+        for start in range(0, end, chunk):
+            offset = start % draw_size  # chunks divide draws: none straddles two
             if offset == 0:
                 draws = self.augment.draw(draw_size, generator, size, self.device)
-            images = self._gather(epoch_rows[start:start + self.batch_size])
-            yield (self.augment.apply(images, draws_slice(draws, offset, offset + len(images))),
-                   epoch_labels[start:start + self.batch_size])
+            rows = epoch_rows[start:min(start + chunk, end)]
+            count = len(rows)
+            if count < chunk and self.augment.compiled is not None:
+                # The epoch's last, shorter chunk, made up to full size with copies of its first image (thrown
+                # away): a compiled augmentation then runs its one graph instead of compiling another.
+                rows = torch.cat([rows, rows[:1].expand(chunk - count)])
+            images = self.augment.apply(self._gather(rows), draws_slice(draws, offset, offset + len(rows)))
+            for first in range(0, count, self.batch_size):  # views of the chunk: no copy
+                yield (images[first:first + self.batch_size],
+                       epoch_labels[start + first:start + first + self.batch_size])
 
     @property
     def images_drawn_at_once(self) -> int:
         """The augmentation's parameters are drawn for several batches at a time (DeviceAugment.draw), always this
-        many images' worth, so that every batch's slice of them has the same memory layout: one compiled graph
-        serves every batch."""
+        many images' worth, so that every chunk's slice of them has the same memory layout: one compiled graph
+        serves every chunk."""
         return max(1, IMAGES_DRAWN_AT_ONCE // self.batch_size) * self.batch_size
+
+    @property
+    def images_augmented_at_once(self) -> int:
+        """The loader augments whole batches together, in chunks of this many images: the most batches that divide
+        a draw (`images_drawn_at_once`) and whose augmented images fit AUGMENTED_BYTES_AT_ONCE (at least one). Each
+        call of the augmentation costs a fixed part (its kernels' launches, the compiled graph's checks) besides
+        its arithmetic; where a step takes milliseconds (a small model at 32 px), paying it once per chunk instead
+        of once per batch counts. The images are the same, batched either way."""
+        batches_per_draw = self.images_drawn_at_once // self.batch_size
+        batch_bytes = 4 * self.images[0].numel() * self.batch_size  # float32
+        fitting = max(1, min(batches_per_draw, AUGMENTED_BYTES_AT_ONCE // batch_bytes))
+        return max(n for n in range(1, fitting + 1) if batches_per_draw % n == 0) * self.batch_size
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         """The images of `rows` on the device: uint8 (B, 3, S, S)."""
