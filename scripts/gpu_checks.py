@@ -508,10 +508,11 @@ def check_pace(args, device, results) -> list[tuple]:
         # Three epochs (two in smoke) of a schedule at least that long, trained as the cifar check trains: a fit
         # that stops after epoch 1 with a checkpoint, then one that resumes from it on the same model object. So a
         # mode that breaks on resuming (CUDA graphs) fails here, not after the cifar check's probe; epoch 3 is
-        # timed, clear of whatever the resume costs once.
+        # timed, clear of whatever the resume costs once. Each epoch evaluated (whatever the recipe's eval_every),
+        # so that every epoch's seconds are like for like, and like the earlier sessions'.
         pace_epochs = 2 if args.smoke else 3
         config = recipe_train_config(recipe, args, device, epochs=max(pace_epochs, args.cifar_epochs or recipe.epochs),
-                                     batch_size=batch, compile_mode=mode)
+                                     batch_size=batch, compile_mode=mode, eval_every=1)
         compiling = config.compile is not False and device.type == "cuda"  # as fit decides
         name = f"batch {batch}, {mode or 'default'} mode" if compiling \
             else f"batch {batch}, eager" + (f" (not {mode}: a CUDA mode)" if mode else "")
@@ -750,15 +751,20 @@ def fit_within_budget(model, train_loader, test_loader, config, checkpoint: Path
     trains: on the H200 with CUDA graphs (2026-11-27), epochs 2-4 in the first fit ran at the default mode's pace
     (1.9 s, their losses equal to the default mode's to the last digit), every epoch after the resume at the graphs'
     (0.9 s), so a pace timed in the first fit planned 263 epochs where about 500 fitted. One checkpoint, after the
-    probe: this measures the recipe, not the disk."""
+    probe: this measures the recipe, not the disk.
+
+    The probe evaluates after each of its epochs, whatever `config.eval_every` (evaluating changes nothing in the
+    training): the pace counts the median of three evaluations, one every eval_every epochs, where the probe's
+    one evaluation at its end alone could be a slow one (the first after a resume) and plan too few epochs."""
     epochs = planned = config.epochs
     probe = min(max(2, min(4, int(config.warmup_epochs))), epochs)
+    probe_config = replace(config, eval_every=1)
     if config.compile_mode in training.CUDA_GRAPH_MODES:
         torch._logging.set_logs(perf_hints=True)  # the log says why, wherever CUDA graphs are skipped
-    history = training.fit(model, train_loader, test_loader, config=config, progress=progress,
+    history = training.fit(model, train_loader, test_loader, config=probe_config, progress=progress,
                            checkpoint_path=checkpoint, stop_after_epoch=1)
     if probe > 1:  # the same model object: the compiled graphs are reused, not rebuilt
-        history = training.fit(model, train_loader, test_loader, config=config, progress=progress,
+        history = training.fit(model, train_loader, test_loader, config=probe_config, progress=progress,
                                checkpoint_path=checkpoint, resume=True, stop_after_epoch=probe)
     elapsed = time.perf_counter() - started
     pace = seconds_per_epoch(history, config.eval_every)
