@@ -923,10 +923,12 @@ def test_a_cached_loader_augments_as_many_whole_batches_at_once_as_divide_a_draw
         loader.images_drawn_at_once = gpu_data.CachedImageLoader.images_drawn_at_once.fget(loader)
         return gpu_data.CachedImageLoader.images_augmented_at_once.fget(loader)
 
-    assert at_once(32, 512) == 16384 and at_once(32, 128) == 16384  # a whole draw: 201 MB of float32 images
-    assert at_once(32, 384) == 16128  # 42 batches of 384 per draw (16,384 rounded down to whole batches)
-    assert at_once(224, 512) == 512 and at_once(224, 256) == 256  # one batch: two would pass 256 MiB
-    assert at_once(224, 64) == 4 * 64  # 6 batches of 38.5 MB fit, and 4 is the largest that divides 256 per draw
+    # 32 MiB of float32 images: 5 batches of 512 at 32 px (6.3 MB each) fit, and 4 is the most that divide the 32
+    # batches of a draw; 21 of 128, and 16 divide 128.
+    assert at_once(32, 512) == 2048 and at_once(32, 256) == 2048 and at_once(32, 128) == 2048
+    assert at_once(32, 384) == 7 * 384  # 42 batches of 384 per draw (16,384 rounded down to whole batches)
+    assert at_once(224, 512) == 512 and at_once(224, 64) == 64  # at least one batch, even past the cap
+    assert at_once(224, 8) == 4 * 8  # 6 batches of 4.8 MB fit, and 4 is the largest that divides 2,048 per draw
 
 
 @pytest.mark.parametrize("augment", ["strong", "autoaugment"])
@@ -958,12 +960,11 @@ def test_augmenting_batches_together_gives_each_batch_the_images_it_gets_alone(t
             torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
 
 
-def test_a_compiled_loader_augmentation_compiles_once_for_every_chunk_the_last_shorter_one_included(tmp_path,
-                                                                                                    monkeypatch):
+def test_a_compiled_loader_augmentation_compiles_one_graph_for_its_chunks_and_one_for_a_batch(tmp_path, monkeypatch):
     """Each chunk's slice of the parameters drawn at once has the same layout, so torch.compile (which guards on
     shapes and strides) builds one graph for all of them, not one more per slice or draw. The last chunk of an
-    epoch holds fewer batches: made up to full size, it runs that graph too, and the images it adds are not given
-    out: the batches are the plain augmentation's."""
+    epoch holds fewer batches: it goes through batch by batch, in one more graph, a batch's, that serves every
+    epoch. The batches are the plain augmentation's."""
     from torch._dynamo.testing import CompileCounter
 
     counter = CompileCounter()
@@ -977,6 +978,9 @@ def test_a_compiled_loader_augmentation_compiles_once_for_every_chunk_the_last_s
     plain, _, _ = make_cached_loaders(root, image_size=8, batch_size=6, device="cpu", augment="strong",
                                       cache_dir=tmp_path / "cache")
     assert compiled.images_augmented_at_once == 18 and len(compiled) == 4  # 25 images: chunks of 3 batches and 1
+    applied, apply = [], compiled.augment.apply
+    monkeypatch.setattr(compiled.augment, "apply", lambda images, draws: applied.append(len(images)) or
+                        apply(images, draws))
     for epoch in (0, 1):
         compiled.set_epoch(epoch), plain.set_epoch(epoch)
         got, expected = list(compiled), list(plain)
@@ -984,7 +988,7 @@ def test_a_compiled_loader_augmentation_compiles_once_for_every_chunk_the_last_s
         for (images, labels), (plain_images, plain_labels) in zip(got, expected):
             assert torch.equal(labels, plain_labels)
             torch.testing.assert_close(images, plain_images, rtol=0, atol=1e-5)
-    assert counter.frame_count == 1
+    assert applied == [18, 6] * 2 and counter.frame_count == 2
     torch._dynamo.reset()
 
 

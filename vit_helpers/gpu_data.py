@@ -564,8 +564,10 @@ class CachedImages:
 #: How many training images' augmentation parameters a cached loader draws at once (2 MB of them, strong policy).
 IMAGES_DRAWN_AT_ONCE = 16384
 #: The most memory a cached loader's augmented images (float32) take at once: it augments whole batches together, as
-#: many as fit (all of a draw's at 32 px: 201 MB for 16,384; one batch at a time at 224 px).
-AUGMENTED_BYTES_AT_ONCE = 256 * 2**20
+#: many as fit (2,048 images at 32 px, 25 MB; one batch at a time at 224 px). Not more: on the H200 the compiled
+#: augmentation took 2.37 ms for 2,048 images against 0.93 for 512 (seventh session), and on 2 CPU cores 4,096 at
+#: once took twice as long per image as 2,048, whose working set still fitted the cache (thirteenth session).
+AUGMENTED_BYTES_AT_ONCE = 32 * 2**20
 
 
 class CachedImageLoader:
@@ -619,16 +621,20 @@ class CachedImageLoader:
             offset = start % draw_size  # chunks divide draws: none straddles two
             if offset == 0:
                 draws = self.augment.draw(draw_size, generator, size, self.device)
-            rows = epoch_rows[start:min(start + chunk, end)]
-            count = len(rows)
-            if count < chunk and self.augment.compiled is not None:
-                # The epoch's last, shorter chunk, made up to full size with copies of its first image (thrown
-                # away): a compiled augmentation then runs its one graph instead of compiling another.
-                rows = torch.cat([rows, rows[:1].expand(chunk - count)])
-            images = self.augment.apply(self._gather(rows), draws_slice(draws, offset, offset + len(rows)))
-            for first in range(0, count, self.batch_size):  # views of the chunk: no copy
-                yield (images[first:first + self.batch_size],
-                       epoch_labels[start + first:start + first + self.batch_size])
+            count = min(chunk, end - start)
+            # A compiled augmentation has a graph for a whole chunk. The epoch's last, shorter chunk goes through
+            # batch by batch (one more graph, a batch's) instead of compiling one for its size, which a chunk of
+            # the test set or another batch size would change, or being made up to a whole chunk (97 batches of
+            # 512 to an epoch of CIFAR-10: the last chunk would be 31 batches of images thrown away).
+            part_size = chunk if count == chunk or self.augment.compiled is None else self.batch_size
+            for part in range(start, start + count, part_size):
+                rows = epoch_rows[part:min(part + part_size, start + count)]
+                part_offset = offset + part - start
+                images = self.augment.apply(self._gather(rows), draws_slice(draws, part_offset,
+                                                                           part_offset + len(rows)))
+                for first in range(0, len(rows), self.batch_size):  # views of the augmented images: no copy
+                    yield (images[first:first + self.batch_size],
+                           epoch_labels[part + first:part + first + self.batch_size])
 
     @property
     def images_drawn_at_once(self) -> int:
