@@ -466,8 +466,9 @@ class DeviceAugment:
     def _boxes(self, count: int, generator: torch.Generator | None, size: int, device) -> torch.Tensor | None:
         return send(erasing_boxes(count, generator, size, self.erasing), device) if self.erasing else None
 
-    def apply(self, images: torch.Tensor, draws: tuple | None) -> torch.Tensor:
-        """`images` (uint8 (B, 3, S, S)) augmented with `draws` (`draw`'s, for these B images, on their device)."""
+    def apply(self, images: torch.Tensor, draws: tuple | None, compiled: bool = True) -> torch.Tensor:
+        """`images` (uint8 (B, 3, S, S)) augmented with `draws` (`draw`'s, for these B images, on their device);
+        `compiled=False`: uncompiled even where compiling is on (a batch of a size seen once in a while)."""
         device = images.device
         if self.mean.device != device:
             self.mean, self.std = send(self.mean, device), send(self.std, device)
@@ -475,7 +476,7 @@ class DeviceAugment:
             return augment_on_device(images, None, None, self.mean, self.std)
         matrices, ops_and_amounts, boxes = draws
         shifted = self.padding is not None
-        if self.compiled is not None:
+        if self.compiled is not None and compiled:
             try:
                 out = self.compiled(images, matrices, ops_and_amounts, self.mean, self.std, shifted, boxes,
                                     self.fill / 255)
@@ -621,20 +622,15 @@ class CachedImageLoader:
             offset = start % draw_size  # chunks divide draws: none straddles two
             if offset == 0:
                 draws = self.augment.draw(draw_size, generator, size, self.device)
-            count = min(chunk, end - start)
-            # A compiled augmentation has a graph for a whole chunk. The epoch's last, shorter chunk goes through
-            # batch by batch (one more graph, a batch's) instead of compiling one for its size, which a chunk of
-            # the test set or another batch size would change, or being made up to a whole chunk (97 batches of
-            # 512 to an epoch of CIFAR-10: the last chunk would be 31 batches of images thrown away).
-            part_size = chunk if count == chunk or self.augment.compiled is None else self.batch_size
-            for part in range(start, start + count, part_size):
-                rows = epoch_rows[part:min(part + part_size, start + count)]
-                part_offset = offset + part - start
-                images = self.augment.apply(self._gather(rows), draws_slice(draws, part_offset,
-                                                                           part_offset + len(rows)))
-                for first in range(0, len(rows), self.batch_size):  # views of the augmented images: no copy
-                    yield (images[first:first + self.batch_size],
-                           epoch_labels[part + first:part + first + self.batch_size])
+            rows = epoch_rows[start:min(start + chunk, end)]
+            # A compiled augmentation has a graph for a whole chunk. The epoch's last, shorter chunk (1 batch of 97
+            # at 512 a batch on CIFAR-10) runs uncompiled: a graph for its size would cost a compilation, seconds,
+            # for what takes milliseconds once an epoch.
+            images = self.augment.apply(self._gather(rows), draws_slice(draws, offset, offset + len(rows)),
+                                        compiled=len(rows) == chunk)
+            for first in range(0, len(rows), self.batch_size):  # views of the augmented images: no copy
+                yield (images[first:first + self.batch_size],
+                       epoch_labels[start + first:start + first + self.batch_size])
 
     @property
     def images_drawn_at_once(self) -> int:
