@@ -140,8 +140,9 @@ RECIPES: dict[str, Recipe] = {
         crop_padding=4,
         cached=True,
         checkpoint_every=10,  # an epoch takes seconds here; writing a checkpoint after each would cost a share of it
-        # Evaluating the 10,000 test images took about 6% of an epoch of batch 512 on the H200 (0.91 s with it,
-        # 0.85 without: pace check, 2026-11-27); every 5th epoch (and the last) keeps most of that for training.
+        # Evaluating the 10,000 test images took about 6% of an epoch of batch 512 on the H200 (pace check,
+        # 2026-11-27: 0.91 s per epoch with it, 0.85 s of training at 58,700 img/s); every 5th epoch (and the
+        # last) keeps most of that for training.
         # The measured run above evaluated after every epoch; evaluating changes nothing in what is learned.
         eval_every=5,
         # A step of this small model is bound by launching kernels. Measured on the H200 (pace check, 2026-11-27):
