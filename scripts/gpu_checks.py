@@ -36,8 +36,9 @@ Checks (`--checks`, comma-separated, or all; matmul,models,data by default):
           the long run tries: `--sweep NAME FIELD=VALUE ...` per variant (default: DEFAULT_SWEEP; reference=resnet18
           trains a ResNet-18 on the same data, a measure of what the JPEGs allow), --sweep-epochs each (40), within
           --sweep-minutes (6). Each plans its schedule as the cifar check does, a probe and then the epochs that
-          end by the deadline at the pace it has beside the others, so with --sweep-epochs 1000 every variant is a
-          long run of its own that ends its schedule. The table gives each one's final test and training accuracy
+          end by the deadline at the pace it has beside the others (each waits after its first epoch, which
+          compiles, for the others to finish theirs), so with --sweep-epochs 1000 every variant is a long run of
+          its own that ends its schedule. The table gives each one's final test and training accuracy
           and, for a ViT, a verdict against the cifar10 target (at least 0.90 with its schedule ended, in a sweep of
           at most 10 minutes); the logs (sweep_NAME.log, .json) go beside --json, or into --work-dir/sweep.
 
@@ -64,6 +65,7 @@ import traceback
 import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch._dynamo.utils import counters
@@ -735,7 +737,7 @@ def seconds_per_epoch(history: list[dict], eval_every: int) -> float:
 
 
 def fit_within_budget(model, train_loader, test_loader, config, checkpoint: Path, budget: float, started: float,
-                      progress: bool) -> dict:
+                      progress: bool, after_first_epoch: Callable[[], None] | None = None) -> dict:
     """Train `config`'s schedule, shortened where it cannot end within `budget` seconds of `started`
     (time.perf_counter()): a probe first, then the epochs that fit. The cifar check and each sweep variant train
     this way, so that a run ends its schedule, learning rate decayed, instead of being cut off in the middle of it.
@@ -755,7 +757,8 @@ def fit_within_budget(model, train_loader, test_loader, config, checkpoint: Path
 
     The probe evaluates after each of its epochs, whatever `config.eval_every` (evaluating changes nothing in the
     training): the pace counts the median of three evaluations, one every eval_every epochs, where the probe's
-    one evaluation at its end alone could be a slow one (the first after a resume) and plan too few epochs."""
+    one evaluation at its end alone could be a slow one (the first after a resume) and plan too few epochs.
+    `after_first_epoch` is called between the probe's two fits (the sweep's processes wait there for each other)."""
     epochs = planned = config.epochs
     probe = min(max(2, min(4, int(config.warmup_epochs))), epochs)
     probe_config = replace(config, eval_every=1)
@@ -763,6 +766,8 @@ def fit_within_budget(model, train_loader, test_loader, config, checkpoint: Path
         torch._logging.set_logs(perf_hints=True)  # the log says why, wherever CUDA graphs are skipped
     history = training.fit(model, train_loader, test_loader, config=probe_config, progress=progress,
                            checkpoint_path=checkpoint, stop_after_epoch=1)
+    if after_first_epoch is not None:
+        after_first_epoch()
     if probe > 1:  # the same model object: the compiled graphs are reused, not rebuilt
         history = training.fit(model, train_loader, test_loader, config=probe_config, progress=progress,
                                checkpoint_path=checkpoint, resume=True, stop_after_epoch=probe)
@@ -913,6 +918,7 @@ def check_sweep(args, device, results) -> list[tuple]:
     children = []
     for index, variant in enumerate(variants):
         (logs / f"sweep_{variant['name']}.json").unlink(missing_ok=True)  # a result left by an earlier sweep
+        sibling_marker(args, variant["name"]).unlink(missing_ok=True)  # and a marker
         with open(logs / f"sweep_{variant['name']}.log", "w") as log:
             children.append(subprocess.Popen(
                 [sys.executable, str(Path(__file__).resolve()), *args.argv, "--sweep-child", str(index),
@@ -981,13 +987,59 @@ def sweep_result(saved: dict, sweep_epochs: int, pace: float) -> str:
             f"{pace:.1f} s/epoch")
 
 
+#: How long a sweep's process waits, after its first epoch, for the others to finish theirs (`wait_for_siblings`).
+SIBLING_WAIT_SECONDS = 180.0
+
+
+def sibling_marker(args, name: str) -> Path:
+    """The file by which a sweep's process for variant `name` says that its first epoch (which compiles) is over,
+    or that it failed before: in the work folder, not beside the logs that come back from the device."""
+    return args.work_dir / "sweep_markers" / f"{name}.first_epoch_done"
+
+
+def wait_for_siblings(args, name: str, names: list[str], timeout: float = SIBLING_WAIT_SECONDS) -> float:
+    """Mark variant `name`'s first epoch done, then wait until every variant of `names` has marked theirs (or
+    `timeout` seconds). Returns the seconds waited.
+
+    Each process plans its schedule from the pace of its epochs 2-4 (`fit_within_budget`). Variants compile for
+    different lengths of time (another batch size, another model), and a process that timed its pace while another
+    was still compiling, its GPU idle, would time itself nearly alone, plan too many epochs for the GPU it then
+    shares, and be stopped by the deadline before its learning rate had decayed. Waiting here, all of them time
+    their pace side by side, as they then train. A process that fails marks too (`run_sweep_child`), so the others
+    wait only for one that dies without a word."""
+    marker = sibling_marker(args, name)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    started = time.perf_counter()
+    missing = names
+    while missing and time.perf_counter() - started < timeout:
+        missing = [other for other in names if not sibling_marker(args, other).exists()]
+        if missing:
+            time.sleep(0.2)
+    waited = time.perf_counter() - started
+    print(f"sweep variant {name}: first epoch done; waited {waited:.1f} s for the others' first epochs"
+          + (f", and gave up on {', '.join(missing)}" if missing else ""), flush=True)
+    return waited
+
+
 def run_sweep_child(args, device) -> int:
     """One variant of the sweep (`--sweep-child INDEX`): trained and saved as sweep_NAME.json beside its log. Its
     schedule is shortened to the epochs that end by the sweep's deadline, at the pace its probe measures beside the
-    other variants (`fit_within_budget`), so that each ends its schedule rather than stop in the middle of it."""
+    other variants (`fit_within_budget`, `wait_for_siblings`), so that each ends its schedule rather than stop in the
+    middle of it."""
     started = time.perf_counter()
     budget = max(1.0, args.sweep_deadline - time.time())
-    variant = sweep_variants(args.sweep, args.cifar_set, device.type)[args.sweep_child]
+    variants = sweep_variants(args.sweep, args.cifar_set, device.type)
+    variant = variants[args.sweep_child]
+    try:
+        return train_sweep_variant(args, device, variant, [other["name"] for other in variants], started, budget)
+    finally:  # done or failed, it no longer holds the others back (touched again: harmless)
+        marker = sibling_marker(args, variant["name"])
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
+
+def train_sweep_variant(args, device, variant: dict, names: list[str], started: float, budget: float) -> int:
     recipe = variant["recipe"]
     folder = cifar_recipe_and_folder(args, device)[1]  # unpacked by the parent already
     batch_size = min(recipe.batch_size, 16) if args.smoke else recipe.batch_size
@@ -1002,7 +1054,8 @@ def run_sweep_child(args, device) -> int:
     # The probe's checkpoint in the work folder, not beside the logs: those come back from the device, and a run
     # stopped by a time limit would leave it there.
     run = fit_within_budget(model, train_loader, test_loader, config,
-                            args.work_dir / f"sweep_{variant['name']}_checkpoint.pt", budget, started, progress=True)
+                            args.work_dir / f"sweep_{variant['name']}_checkpoint.pt", budget, started, progress=True,
+                            after_first_epoch=lambda: wait_for_siblings(args, variant["name"], names))
     with atomic_write(logs / f"sweep_{variant['name']}.json") as file:
         file.write(json.dumps({"name": variant["name"], "changes": variant["changes"], "recipe": asdict(recipe),
                                "model": variant["reference"] or recipe.model,

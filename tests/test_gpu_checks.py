@@ -432,6 +432,28 @@ def test_sweep_trains_every_variant_side_by_side_and_tables_them(gpu_checks, arc
     assert all("2/2 epochs" in row[2] for row in rows[:2])
     assert rows[2][1] == "best test accuracy"
     assert (tmp_path / "out" / "sweep_cnn.log").read_text().count("epoch 2/2") >= 1
+    for name in ("tiny", "cnn"):  # each waited for the other's first epoch before timing its pace
+        assert "waited" in (tmp_path / "out" / f"sweep_{name}.log").read_text()
+        assert "gave up" not in (tmp_path / "out" / f"sweep_{name}.log").read_text()
+
+
+def test_a_sweep_process_waits_for_the_others_first_epochs_and_not_forever(gpu_checks, tmp_path):
+    import threading
+    import time
+
+    args = gpu_checks.parse_args(["--work-dir", str(tmp_path)])
+    names = ["a", "b", "c"]
+    gpu_checks.sibling_marker(args, "c").parent.mkdir(parents=True)
+    gpu_checks.sibling_marker(args, "c").touch()  # c is done (or failed) already; b finishes its first epoch later
+    later = threading.Timer(0.5, lambda: gpu_checks.sibling_marker(args, "b").touch())
+    later.start()
+    waited = gpu_checks.wait_for_siblings(args, "a", names, timeout=30)
+    later.join()
+    assert 0.4 < waited < 10 and gpu_checks.sibling_marker(args, "a").exists()
+    gpu_checks.sibling_marker(args, "b").unlink()  # b died without a word: a waits out the timeout, then goes on
+    started = time.perf_counter()
+    assert gpu_checks.wait_for_siblings(args, "a", names, timeout=0.5) >= 0.5
+    assert time.perf_counter() - started < 10
 
 
 def test_a_sweep_variant_shortens_its_schedule_to_end_by_the_deadline(gpu_checks, archive, tmp_path, monkeypatch):
