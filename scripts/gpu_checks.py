@@ -723,8 +723,8 @@ CIFAR_TARGET_ACCURACY, CIFAR_TARGET_MINUTES = 0.90, 10
 def seconds_per_epoch(history: list[dict], eval_every: int) -> float:
     """The steady pace of `history`'s run, evaluations included: the median epoch's training (after the first
     epoch, which compiles) and the median evaluation's share, one every `eval_every` epochs (`TrainConfig`'s). Where
-    the run evaluated less often than it trained (eval_every > 1, or a probe that evaluated only where it stopped),
-    the median of whole epochs would count an evaluation in each, or in none."""
+    the run evaluated less often than it trained (eval_every > 1), the median of whole epochs would count an
+    evaluation in each epoch, or in none."""
     steady = history[1:] or history
     training_seconds = statistics.median(record["seconds"] - record.get("evaluation_seconds", 0.0) for record in steady)
 
@@ -991,10 +991,15 @@ def sweep_result(saved: dict, sweep_epochs: int, pace: float) -> str:
 SIBLING_WAIT_SECONDS = 180.0
 
 
-def sibling_marker(args, name: str) -> Path:
+def sibling_marker(args, name: str, mark: bool = False) -> Path:
     """The file by which a sweep's process for variant `name` says that its first epoch (which compiles) is over,
-    or that it failed before: in the work folder, not beside the logs that come back from the device."""
-    return args.work_dir / "sweep_markers" / f"{name}.first_epoch_done"
+    or that it failed before: in the work folder, not beside the logs that come back from the device. `mark`:
+    written now."""
+    marker = args.work_dir / "sweep_markers" / f"{name}.first_epoch_done"
+    if mark:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    return marker
 
 
 def wait_for_siblings(args, name: str, names: list[str], timeout: float = SIBLING_WAIT_SECONDS) -> float:
@@ -1007,9 +1012,7 @@ def wait_for_siblings(args, name: str, names: list[str], timeout: float = SIBLIN
     shares, and be stopped by the deadline before its learning rate had decayed. Waiting here, all of them time
     their pace side by side, as they then train. A process that fails marks too (`run_sweep_child`), so the others
     wait only for one that dies without a word."""
-    marker = sibling_marker(args, name)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    sibling_marker(args, name, mark=True)
     started = time.perf_counter()
     missing = names
     while missing and time.perf_counter() - started < timeout:
@@ -1033,10 +1036,8 @@ def run_sweep_child(args, device) -> int:
     variant = variants[args.sweep_child]
     try:
         return train_sweep_variant(args, device, variant, [other["name"] for other in variants], started, budget)
-    finally:  # done or failed, it no longer holds the others back (touched again: harmless)
-        marker = sibling_marker(args, variant["name"])
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
+    finally:  # done or failed, it no longer holds the others back (marked again: harmless)
+        sibling_marker(args, variant["name"], mark=True)
 
 
 def train_sweep_variant(args, device, variant: dict, names: list[str], started: float, budget: float) -> int:

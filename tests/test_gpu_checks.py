@@ -443,9 +443,8 @@ def test_a_sweep_process_waits_for_the_others_first_epochs_and_not_forever(gpu_c
 
     args = gpu_checks.parse_args(["--work-dir", str(tmp_path)])
     names = ["a", "b", "c"]
-    gpu_checks.sibling_marker(args, "c").parent.mkdir(parents=True)
-    gpu_checks.sibling_marker(args, "c").touch()  # c is done (or failed) already; b finishes its first epoch later
-    later = threading.Timer(0.5, lambda: gpu_checks.sibling_marker(args, "b").touch())
+    gpu_checks.sibling_marker(args, "c", mark=True)  # c is done (or failed) already; b finishes its first epoch later
+    later = threading.Timer(0.5, lambda: gpu_checks.sibling_marker(args, "b", mark=True))
     later.start()
     waited = gpu_checks.wait_for_siblings(args, "a", names, timeout=30)
     later.join()
