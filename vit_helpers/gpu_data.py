@@ -567,7 +567,7 @@ IMAGES_DRAWN_AT_ONCE = 16384
 #: The most memory a cached loader's augmented images (float32) take at once: it augments whole batches together, as
 #: many as fit (2,048 images at 32 px, 25 MB; one batch at a time at 224 px). Not more: on the H200 the compiled
 #: augmentation took 2.37 ms for 2,048 images against 0.93 for 512 (seventh session), and on 2 CPU cores 4,096 at
-#: once took twice as long per image as 2,048, whose working set still fitted the cache (thirteenth session).
+#: once took about twice as long per image as 2,048, whose working set still fitted the cache (BENCHMARKS.md).
 AUGMENTED_BYTES_AT_ONCE = 32 * 2**20
 
 
