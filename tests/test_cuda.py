@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from vit_helpers import gpu_data
 from vit_helpers.gpu_data import DeviceAugment, make_cached_loaders
 from vit_helpers.model import ViT, ViTConfig
-from vit_helpers.training import TrainConfig, fit, load_checkpoint
+from vit_helpers.training import TrainConfig, evaluate, fit, load_checkpoint
 
 from test_training import NUM_CLASSES, coloured_images  # noisy images whose class is their colour
 
@@ -153,3 +154,34 @@ def test_the_image_store_on_the_gpu_or_in_pinned_cpu_memory_gives_the_same_batch
         assert all(batch.device.type == DEVICE.type for batch in batches[keep_on_device])
     for on_device, in_cpu_memory in zip(batches[True], batches[False]):
         assert torch.equal(on_device, in_cpu_memory)  # the same rows gathered, the same ops on the same device
+
+
+def test_cuda_graphs_from_chunked_cached_batches_evaluating_every_other_epoch_read_the_current_weights(
+        tmp_path, monkeypatch):
+    """The cifar10 recipe's way, small (thirteenth session, unmeasured until a GPU runs this): batches from the GPU
+    cache augmented in chunks by the compiled augmentation (the epoch's last, shorter chunk uncompiled), a step
+    under CUDA graphs, and an evaluation only every other epoch and after the last. The evaluation after skipped
+    ones must read the weights as they are, not a graph's stale outputs: it equals the plain model's."""
+    monkeypatch.setattr(gpu_data, "IMAGES_DRAWN_AT_ONCE", 32)  # chunks of 4 batches of 8: 13 batches an epoch
+    colours = {"red": (200, 40, 40), "blue": (40, 40, 200)}
+    generator = torch.Generator().manual_seed(4)
+    for split, count in (("train", 52), ("test", 20)):
+        for name, colour in colours.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for index in range(count):
+                noise = torch.randint(-40, 40, (8, 8, 3), generator=generator)
+                pixels = (torch.tensor(colour) + noise).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{index}.png")
+    train, test, classes = make_cached_loaders(tmp_path, image_size=8, batch_size=8, device=DEVICE, augment="strong",
+                                               compile_augment=True, crop_padding=1)
+    assert train.images_augmented_at_once == 32 and len(train) == 13
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(image_size=8, patch_size=4, num_classes=2, embed_dim=32, num_layers=2, num_heads=2,
+                          mlp_dim=64))
+    config = dataclasses.replace(CONFIG, epochs=5, compile=True, compile_mode="reduce-overhead", eval_every=2)
+    history = fit(model, train, test, config=config, class_names=classes, progress=False)
+    assert [record["test_accuracy"] is not None for record in history] == [False, True, False, True, True]
+    assert history[-1]["test_accuracy"] >= 0.9  # told apart by colour; chance is 0.5
+    plain = evaluate(model, test, DEVICE)
+    assert plain["accuracy"] == pytest.approx(history[-1]["test_accuracy"], abs=1 / 40)
+    assert plain["loss"] == pytest.approx(history[-1]["test_loss"], rel=2e-2)
