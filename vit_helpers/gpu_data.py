@@ -2,7 +2,8 @@
 
 An H100 trains ViT-B/16 at about 3,500 images/s, while one CPU core decodes about 400 JPEGs/s. So every image
 is decoded and resized once (threads, a progress bar) into a uint8 tensor (N, 3, S, S) saved beside the data;
-each epoch then only gathers rows, and the augmentation runs on the device in batched tensor ops:
+each epoch then only gathers rows, and the augmentation runs on the device in batched tensor ops, on several
+batches at a time (`CachedImageLoader.images_augmented_at_once`: 2,048 images at 32 px):
 
     random resized crop + horizontal flip   one affine sampling grid per image, `F.grid_sample` for the batch
       (or crop_padding=P: shifts of up to P whole pixels, black coming in: CIFAR's usual crop, by indexing, so
