@@ -22,14 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"blue": (30, 40, 220), "red": (220, 40, 30), "green": (40, 200, 40)}
 
 
-def make_image_folders(root: Path, colours: dict) -> Path:
-    """train/ and test/ ImageFolders of 16x16 PNGs, one class per colour."""
+def make_image_folders(root: Path, colours: dict, train: int = 16, test: int = 5, size: int = 16) -> Path:
+    """train/ and test/ ImageFolders of noisy size x size PNGs (`train` and `test` per class), a class per colour."""
     generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 16), ("test", 5)):
+    for split, count in (("train", train), ("test", test)):
         for name, colour in colours.items():
             (root / split / name).mkdir(parents=True)
             for index in range(count):
-                noise = torch.randint(-30, 30, (16, 16, 3), generator=generator)
+                noise = torch.randint(-30, 30, (size, size, 3), generator=generator)
                 pixels = (torch.tensor(colour) + noise).clamp(0, 255).to(torch.uint8).numpy()
                 Image.fromarray(pixels).save(root / split / name / f"{index}.png")
     return root

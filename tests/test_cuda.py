@@ -21,6 +21,7 @@ from vit_helpers.gpu_data import DeviceAugment, make_cached_loaders
 from vit_helpers.model import ViT, ViTConfig
 from vit_helpers.training import TrainConfig, evaluate, fit, load_checkpoint
 
+from test_cli import make_image_folders  # noisy PNGs whose class is their colour
 from test_training import NUM_CLASSES, coloured_images  # noisy images whose class is their colour
 
 DEVICE = torch.device(os.environ.get("VIT_HELPERS_CUDA_TESTS_DEVICE", "cuda"))
@@ -163,15 +164,7 @@ def test_cuda_graphs_from_chunked_cached_batches_evaluating_every_other_epoch_re
     under CUDA graphs, and an evaluation only every other epoch and after the last. The evaluation after skipped
     ones must read the weights as they are, not a graph's stale outputs: it equals the plain model's."""
     monkeypatch.setattr(gpu_data, "IMAGES_DRAWN_AT_ONCE", 32)  # chunks of 4 batches of 8: 13 batches an epoch
-    colours = {"red": (200, 40, 40), "blue": (40, 40, 200)}
-    generator = torch.Generator().manual_seed(4)
-    for split, count in (("train", 52), ("test", 20)):
-        for name, colour in colours.items():
-            (tmp_path / split / name).mkdir(parents=True)
-            for index in range(count):
-                noise = torch.randint(-40, 40, (8, 8, 3), generator=generator)
-                pixels = (torch.tensor(colour) + noise).clamp(0, 255).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(tmp_path / split / name / f"{index}.png")
+    make_image_folders(tmp_path, {"red": (200, 40, 40), "blue": (40, 40, 200)}, train=52, test=20, size=8)
     train, test, classes = make_cached_loaders(tmp_path, image_size=8, batch_size=8, device=DEVICE, augment="strong",
                                                compile_augment=True, crop_padding=1)
     assert train.images_augmented_at_once == 32 and len(train) == 13
