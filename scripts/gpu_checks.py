@@ -594,7 +594,7 @@ def profile_training_steps(model, loader, device, config, rows: int, steps: int 
     PyTorch's operators, and the `rows` operators with the most time of their own on the host and on the device.
     A device busy for a small share of the wall time waits on the host: Python, launches, eager operators. Trains
     `model` on: profile a model whose weights are done with."""
-    train_model, _ = training._wrap_for_training(model, device, config, world_size=1)
+    train_model, _ = training.wrap_for_training(model, device, config, world_size=1)
     run = engine_steps(train_model, loader, device, config, training.batch_mixer(config, model.config.num_classes))
     run(steps)  # compiles and records what the profiled steps replay
     activities = [torch.profiler.ProfilerActivity.CPU]

@@ -756,7 +756,7 @@ def test_cuda_graphs_under_ddp_are_said_to_be_untested(monkeypatch):
     monkeypatch.setattr(training, "DistributedDataParallel", lambda model, device_ids=None: model)  # no group here
     config = TrainConfig(compile=True, compile_mode="reduce-overhead", device="cpu")
     with pytest.warns(UserWarning, match="not tested under DistributedDataParallel"):
-        training._wrap_for_training(nn.Linear(2, 2), torch.device("cpu"), config, world_size=2)
+        training.wrap_for_training(nn.Linear(2, 2), torch.device("cpu"), config, world_size=2)
 
 
 def test_an_epoch_frees_its_last_gradients_before_the_evaluation():

@@ -723,7 +723,7 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
     if resume:
         start_epoch, history, tally = _restore(load_checkpoint(checkpoint_path, device), model, optimizer,
                                                scheduler, lr_factor)
-    train_model, eval_model = _wrap_for_training(model, device, config, world_size)
+    train_model, eval_model = wrap_for_training(model, device, config, world_size)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     mixer = batch_mixer(config, len(class_names) if class_names is not None
                         else getattr(getattr(model, "config", None), "num_classes", None))
@@ -783,8 +783,10 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
     return history
 
 
-def _wrap_for_training(model, device, config, world_size):
-    """(model to train: DDP and/or compiled, model to evaluate: compiled or not). Both share the parameters."""
+def wrap_for_training(model, device, config, world_size):
+    """(model to train: DDP and/or compiled, model to evaluate: compiled or not), as `fit` wraps them; a tool
+    that times or profiles the engine's steps (scripts/gpu_checks.py) wraps the model the same way. Both share the
+    parameters."""
     train_model = model
     if world_size > 1:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
