@@ -394,6 +394,8 @@ def test_evaluating_every_n_epochs_trains_the_same_and_evaluates_the_last_epoch_
 
     with pytest.raises(ValueError, match="eval_every is the number of epochs between evaluations"):
         TrainConfig(eval_every=0)
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig(eval_every=True)  # a flag where a number of epochs belongs
 
 
 def test_the_time_limit_forecast_counts_the_evaluations_to_come(monkeypatch):

@@ -84,7 +84,7 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints; the last epoch of a session is always saved
 
     def __post_init__(self) -> None:
-        if not isinstance(self.eval_every, int) or self.eval_every < 1:
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1:
             raise ValueError(f"eval_every is the number of epochs between evaluations, a whole number of at least 1, "
                              f"got {self.eval_every!r}.")
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
@@ -730,8 +730,8 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
     eval_loader, eval_distributed = evaluation_loader(test_loader, rank, world_size)
     save = _saver(rank, world_size, checkpoint_path, optimizer, scheduler, config, class_names, metadata)
     # The last evaluation's duration, for the time limit's forecast (0 until one has been timed)
-    evaluation_seconds = next((record.get("evaluation_seconds", 0.0) for record in reversed(history)
-                               if record["test_accuracy"] is not None), 0.0)
+    # (A checkpoint written before evaluations were timed has none.)
+    evaluation_seconds = next((record.get("evaluation_seconds", 0.0) for record in reversed(evaluated(history))), 0.0)
     started = time.perf_counter()
     with GracefulStop(enabled=world_size == 1) as stop:
         for epoch in range(start_epoch, config.epochs):
