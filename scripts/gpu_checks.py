@@ -942,7 +942,7 @@ def check_sweep(args, device, results) -> list[tuple]:
             continue
         saved = json.loads(path.read_text())
         history = saved["history"]
-        pace = seconds_per_epoch(history, saved["recipe"].get("eval_every", 1))
+        pace = seconds_per_epoch(history, saved["recipe"]["eval_every"])
         target = ("", "") if variant["reference"] else (CIFAR_TARGET, sweep_verdict(saved, args.sweep_minutes))
         rows.append(("sweep", label, sweep_result(saved, args.sweep_epochs, pace), *target))
         found.append({"name": variant["name"], "changes": variant["changes"], "model": saved["model"],
