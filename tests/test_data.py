@@ -1150,6 +1150,23 @@ def test_compiled_device_augmentation_equals_the_plain_one(policy, crop):
     assert compiled.compiled is not None  # it did run compiled, not fall back
 
 
+@pytest.mark.parametrize("policy, crop", [("basic", {"scale": (0.5, 1.0)}), ("strong", {"padding": 4, "erasing": 0.5}),
+                                          ("autoaugment", {"padding": 4, "fill": 128, "erasing": 0.25})])
+def test_the_device_augmentation_traces_as_one_graph_without_breaks(policy, crop):
+    """torch.compile(fullgraph=True) fails on any graph break. A break would split the compiled augmentation into
+    pieces with eager code between them: more kernel launches a chunk on a GPU, where launches, not arithmetic,
+    bound it. The "eager" backend traces as inductor's front end does, without generating code (seconds)."""
+    torch._dynamo.reset()
+    augment = gpu_data.DeviceAugment(policy, **crop)
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    matrices, ops_and_amounts, boxes = augment.draw(16, torch.Generator().manual_seed(0), 16, "cpu")
+    arguments = (images, matrices, ops_and_amounts, augment.mean, augment.std, augment.padding is not None, boxes,
+                 augment.fill / 255)
+    traced = torch.compile(gpu_data.augment_on_device, fullgraph=True, backend="eager", dynamic=False)
+    torch.testing.assert_close(traced(*arguments), gpu_data.augment_on_device(*arguments))
+    torch._dynamo.reset()
+
+
 def test_an_augmentation_that_fails_to_compile_warns_and_runs_plain(monkeypatch):
     def broken(*args):
         raise RuntimeError("no compiler here")
