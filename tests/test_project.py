@@ -2,11 +2,15 @@
 in."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -66,3 +70,17 @@ def test_readme_shows_the_two_commands_and_ci_runs_the_tests():
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("offset", ["0", "3"])
+def test_the_shifted_seeds_audit_shifts_torch_manual_seed(offset):
+    """scripts/shifted_seeds (BENCHMARKS.md, "Under the device's PyTorch"): with SEED_OFFSET=k, a process started
+    with it on PYTHONPATH draws from seed s + k where it asks for s; with 0, from s itself."""
+    program = ("import torch; torch.manual_seed(0); shifted = torch.rand(3); torch.random.manual_seed(0); "
+               "again = torch.rand(3); g = torch.Generator().manual_seed(0); print(shifted.tolist(), again.tolist(), "
+               "torch.rand(3, generator=g).tolist())")
+    env = {**os.environ, "SEED_OFFSET": offset, "PYTHONPATH": str(ROOT / "scripts" / "shifted_seeds")}
+    output = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
+    expected = torch.rand(3, generator=torch.Generator().manual_seed(int(offset))).tolist()
+    unshifted = torch.rand(3, generator=torch.Generator().manual_seed(0)).tolist()
+    assert output.stdout.strip() == f"{expected} {expected} {unshifted}"  # the global seed moves, a Generator's not
