@@ -441,3 +441,18 @@ def test_compiles_as_one_graph_without_breaks():
     with torch.no_grad():
         torch.testing.assert_close(compiled.eval()(images), model.eval()(images))
     torch._dynamo.reset()
+
+
+def test_compiles_as_one_graph_with_stochastic_depth_and_dropout():
+    """The regularised models the CIFAR-10 runs train (stochastic depth, dropout) also compile without a break: their
+    random masks are traced, not run eagerly between graphs. Training outputs are random, so only evaluation's are
+    compared."""
+    torch._dynamo.reset()
+    model = randomise_(ViT(tiny_config(drop_path=0.1, dropout=0.1, attention_dropout=0.1)))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    images = torch.randn(4, 3, 32, 32)
+    compiled(images).sum().backward()
+    assert all(parameter.grad is not None for parameter in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(images), model.eval()(images))
+    torch._dynamo.reset()
