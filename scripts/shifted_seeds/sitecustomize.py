@@ -1,11 +1,13 @@
 """Run anything with every `torch.manual_seed(s)` turned into `torch.manual_seed(s + SEED_OFFSET)`.
 
-An audit of the notebooks' assertions about random draws (initial weights, training runs): an assertion that holds
-for seed 0 alone is luck, and another torch version, whose draws from the same seed differ, breaks it. Python
-imports this file at start-up when its folder is on PYTHONPATH, and so does every notebook kernel started from there:
+An audit of the notebooks' and tests' assertions about random draws (initial weights, training runs): an assertion
+that holds for seed 0 alone is luck, and another torch version, whose draws from the same seed differ, breaks it.
+Python imports this file at start-up when its folder is on PYTHONPATH, and so does every notebook kernel and
+subprocess started from there:
 
     SEED_OFFSET=2 PYTHONPATH=scripts/shifted_seeds IPYTHONDIR=.venv/ipython \
         .venv/bin/python -m pytest --nbmake notebooks
+    SEED_OFFSET=2 PYTHONPATH=scripts/shifted_seeds .venv/bin/python -m pytest tests
 
 Without SEED_OFFSET (or with 0) it changes nothing. `torch.Generator().manual_seed` is left alone: the loaders'
 orders and augmentations stay those of their own seeds.
