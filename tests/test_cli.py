@@ -98,15 +98,55 @@ def test_eval_every_evaluates_less_often_and_may_change_on_resume(tiny_folder, t
     assert "--eval-every" in capsys.readouterr().err
 
 
-def test_resume_continues_the_run(tiny_folder, tmp_path):
+TIMINGS = ("images_per_second", "seconds", "evaluation_seconds")
+
+
+def without_timings(history: list[dict]) -> list[dict]:
+    return [{key: value for key, value in record.items() if key not in TIMINGS} for record in history]
+
+
+def assert_same_weights(first: Path, second: Path) -> None:
+    first, second = load_checkpoint(first)["model"], load_checkpoint(second)["model"]
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+
+@pytest.mark.parametrize("loaders", [(), ("--no-cached", "--augment", "basic", "--num-workers", "1")],
+                         ids=["cached", "augmenting-workers"])
+def test_resume_continues_the_run_as_if_it_had_never_stopped(tiny_folder, tmp_path, loaders):
+    assert main(train_args(tiny_folder, tmp_path / "straight", *loaders)) == 0
     out = tmp_path / "run"
-    assert main(train_args(tiny_folder, out, "--stop-after-epoch", "1")) == 0
+    assert main(train_args(tiny_folder, out, *loaders, "--stop-after-epoch", "1")) == 0
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
     assert len(json.loads((out / "metrics.json").read_text())["history"]) == 1
     assert main(["train", "--out", str(out), "--resume"]) == 0  # settings, data included, come from the run
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [record["epoch"] for record in metrics["history"]] == [1, 2]
-    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert without_timings(metrics["history"]) == without_timings(straight["history"])
+    assert_same_weights(out / "checkpoint.pt", tmp_path / "straight" / "checkpoint.pt")
+
+
+def test_the_number_of_loader_workers_is_recorded_and_cannot_change_on_resume(tiny_folder, tmp_path, capsys):
+    """Each worker draws its own augmentations: another number of them would train on other images. Not given, the
+    number is chosen for the machine, and a resume elsewhere keeps the run's."""
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--no-cached", "--augment", "basic", "--stop-after-epoch", "1")) == 0
+    recorded = json.loads((out / "metrics.json").read_text())["settings"]["num_workers"]
+    assert isinstance(recorded, int)
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--num-workers", str(recorded + 1)]) == 2
+    assert "--num-workers cannot change" in one_error_line(capsys)
+
+
+def test_resume_refuses_data_that_gives_another_number_of_steps_per_epoch(tiny_folder, tmp_path, capsys):
+    """The schedule counts steps: from fewer images per epoch the learning rate would run off its schedule."""
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--stop-after-epoch", "1")) == 0
+    smaller = make_image_folders(tmp_path / "smaller", COLOURS, train=8)  # the same classes, half the images
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--data", str(smaller)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the new data's decoding bar
+    assert "this run took 6 steps per epoch on 1 process, and with --data" in error and "would take 3;" in error
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
 
 
 def test_init_flag_starts_the_model_as_timm_does_and_cannot_change_on_resume(tiny_folder, tmp_path, capsys):
@@ -133,7 +173,9 @@ def one_error_line(capsys) -> str:
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--epochs", "two"], "argument --epochs: expected a whole number of at least 1, got 'two'"),
     (["--recipe", "nope"], "unknown recipe 'nope'"),
-    (["--mixup", "-0.2"], "mixup_alpha and cutmix_alpha must be 0 (off) or positive"),
+    (["--mixup", "-0.2"], "argument --mixup: expected a number, 0 or more, got '-0.2'"),
+    (["--cutmix", "nan"], "argument --cutmix: expected a number, 0 or more, got 'nan'"),
+    (["--compile-mode", "reduce_overhead"], "compile_mode 'reduce_overhead' is not one of torch.compile's modes: "),
     (["--mixup", "0.8", "--mix-probability", "0"], "argument --mix-probability: expected a number above 0 and at "
                                                    "most 1, got '0'"),
     (["--mix-probability", "0.5"], "--mix-probability sets the share of batches that MixUp or CutMix mixes, and "

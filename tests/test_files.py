@@ -30,13 +30,16 @@ def test_a_failure_half_way_leaves_the_old_file_and_no_temporary(tmp_path):
     assert os.listdir(tmp_path) == ["weights.bin"]
 
 
-def test_read_json_gives_an_empty_record_for_a_missing_or_damaged_file(tmp_path):
+def test_read_json_gives_an_empty_record_for_a_missing_damaged_or_other_file(tmp_path):
     from vit_helpers.files import read_json
 
     (tmp_path / "good.json").write_text('{"size": 3}')
     (tmp_path / "cut.json").write_text('{"size": ')  # a write cut short
     assert read_json(tmp_path / "good.json") == {"size": 3}
     assert read_json(tmp_path / "cut.json") == {} and read_json(tmp_path / "missing.json") == {}
+    for damaged in ("null", "[]", '"text"', "3"):  # valid JSON, but not the record its readers look into
+        (tmp_path / "other.json").write_text(damaged)
+        assert read_json(tmp_path / "other.json") == {}
 
 
 def test_the_process_umask_is_never_changed_even_for_a_moment(tmp_path, monkeypatch):

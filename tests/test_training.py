@@ -327,6 +327,50 @@ def test_ctrl_c_saves_mid_epoch_and_resume_finishes_like_an_uninterrupted_run(tm
     assert_same_tensors(load_checkpoint(path)["model"], load_checkpoint(tmp_path / "straight.pt")["model"])
 
 
+@pytest.mark.parametrize("workers_stopped", [False, True])
+def test_ctrl_c_during_an_evaluation_saves_the_epoch_though_no_checkpoint_was_due(tmp_path, workers_stopped):
+    """checkpoint_every=3 (as recipes evaluate and save less often): Ctrl-C while epoch 1 is evaluated. With
+    forked DataLoader workers the evaluation finishes; with spawned ones (macOS, Python 3.14) the workers get the
+    Ctrl-C too and the loader fails, which `workers_stopped` imitates. Either way the epoch is saved and resumes
+    exactly."""
+    config = dataclasses.replace(CONFIG, checkpoint_every=3)
+    straight = fit(tiny_vit(), *loaders(), 2, config=config, progress=False, checkpoint_path=tmp_path / "s.pt")
+    model, calls = tiny_vit(), []
+
+    def ctrl_c_in_the_first_evaluation(module, args):
+        if not module.training and not calls:
+            calls.append(1)
+            signal.raise_signal(signal.SIGINT)
+            if workers_stopped:
+                raise RuntimeError("DataLoader worker (pid 123) exited unexpectedly")
+
+    model.register_forward_pre_hook(ctrl_c_in_the_first_evaluation)
+    path = tmp_path / "interrupted.pt"
+    with pytest.raises(KeyboardInterrupt, match="stopped after epoch 1; checkpoint saved to"):
+        fit(model, *loaders(), 2, config=config, progress=False, checkpoint_path=path)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["epoch"] == 1 and not checkpoint["interrupted"]
+    first = checkpoint["history"][0]
+    assert (first["test_accuracy"] is None) == workers_stopped
+    if not workers_stopped:
+        assert without_timings([first]) == without_timings(straight[:1])
+    resumed = fit(tiny_vit(), *loaders(), 2, config=config, progress=False, checkpoint_path=path, resume=True)
+    assert without_timings(resumed[1:]) == without_timings(straight[1:])
+    assert_same_tensors(load_checkpoint(path)["model"], load_checkpoint(tmp_path / "s.pt")["model"])
+
+
+def test_resuming_with_another_number_of_steps_per_epoch_is_refused(tmp_path):
+    """The scheduler counts steps: resumed at 4 steps an epoch after 8, the rate would reach zero half way through
+    the schedule (and a mid-epoch resume would skip the wrong batches). Another batch size, other data or another
+    number of processes under torchrun all change it."""
+    path = tmp_path / "checkpoint.pt"
+    fit(tiny_vit(), *loaders(), 4, config=CONFIG, progress=False, checkpoint_path=path, stop_after_epoch=1)
+    written = path.read_bytes()
+    with pytest.raises(ValueError, match="took 8 steps per epoch on 1 process, and resumed it would take 4"):
+        fit(tiny_vit(), *loaders(batch_size=32), 4, config=CONFIG, progress=False, checkpoint_path=path, resume=True)
+    assert path.read_bytes() == written
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
     train_loader, test_loader = loaders()
     path = tmp_path / "checkpoint.pt"
@@ -409,6 +453,24 @@ def test_evaluating_every_n_epochs_trains_the_same_and_evaluates_the_last_epoch_
         TrainConfig(eval_every=True)  # a flag where a number of epochs belongs
 
 
+def test_settings_that_would_fail_later_in_the_run_are_refused_at_once():
+    """Each of these once passed TrainConfig and failed only after data had been read or an epoch trained."""
+    for name, what in (("checkpoint_every", "epochs between checkpoints"),
+                       ("log_every", "steps between progress-bar updates")):
+        with pytest.raises(ValueError, match=f"{name} is the number of {what}, a whole number of at least 1"):
+            TrainConfig(**{name: 0})
+    for alpha in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be 0 \\(off\\) or positive"):
+            TrainConfig(cutmix_alpha=alpha)
+    with pytest.raises(ValueError, match="compile_mode 'reduce_overhead' is not one of torch.compile's modes: "
+                                         ".*reduce-overhead"):
+        TrainConfig(compile_mode="reduce_overhead")
+    import torch._inductor
+
+    for mode in torch._inductor.list_mode_options():  # every mode the installed torch.compile takes
+        assert TrainConfig(compile_mode=mode).compile_mode == mode
+
+
 def test_the_time_limit_forecast_counts_the_evaluations_to_come(monkeypatch):
     """After an epoch, the next one is forecast to take as long to train, plus an evaluation (a session is
     evaluated where it stops), plus this epoch's own evaluation when one is due: with evaluations of at least
@@ -470,8 +532,9 @@ def test_checkpoint_has_the_documented_keys(tmp_path):
         class_names=["a", "b", "c", "d"])
     checkpoint = load_checkpoint(path)
     assert {"model", "optimizer", "scheduler", "epoch", "config", "train_config", "class_names", "history",
-            "rng_state"} <= set(checkpoint)
+            "rng_state", "steps_per_epoch", "world_size"} <= set(checkpoint)
     assert checkpoint["class_names"] == ["a", "b", "c", "d"] and checkpoint["epoch"] == 1
+    assert checkpoint["steps_per_epoch"] == 2 and checkpoint["world_size"] == 1  # 32 images in batches of 16
     assert ViTConfig(**checkpoint["config"]) == tiny_vit().config
     assert not any(key.startswith(("_orig_mod.", "module.")) for key in checkpoint["model"])
 

@@ -34,8 +34,10 @@ from vit_helpers.model import INITS, ViT, ViTConfig  # noqa: E402
 from vit_helpers.recipes import RECIPES, Recipe, get_recipe, one_kind_of_crop  # noqa: E402
 
 #: What `--resume` may change; everything else comes from the checkpoint, so the run continues as it began.
-RESUMABLE_FLAGS = ("data", "epochs", "device", "compile", "compile_mode", "compile_augment", "num_workers",
-                   "cpu_threads", "eval_every")
+#: Not num_workers: each DataLoader worker draws its own random stream, so the number of workers decides which
+#: augmentations each image gets (the run records the number it used, as chosen for its machine).
+RESUMABLE_FLAGS = ("data", "epochs", "device", "compile", "compile_mode", "compile_augment", "cpu_threads",
+                   "eval_every")
 #: The files a finished run writes into OUT besides its checkpoint.
 RESULT_FILES = ("metrics.json", "loss_curves.png", "confusion_matrix.png", "predictions.png")
 
@@ -120,9 +122,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=non_negative_float)
     parser.add_argument("--warmup-epochs", type=non_negative_float)
     parser.add_argument("--label-smoothing", type=fraction)
-    parser.add_argument("--mixup", dest="mixup_alpha", type=float, metavar="ALPHA",
+    parser.add_argument("--mixup", dest="mixup_alpha", type=non_negative_float, metavar="ALPHA",
                         help="MixUp on every batch with Beta(ALPHA, ALPHA) weights (0: off, the default)")
-    parser.add_argument("--cutmix", dest="cutmix_alpha", type=float, metavar="ALPHA",
+    parser.add_argument("--cutmix", dest="cutmix_alpha", type=non_negative_float, metavar="ALPHA",
                         help="CutMix on every batch (0: off); with --mixup too, each batch gets one of the two")
     parser.add_argument("--mix-probability", type=share_of_batches, metavar="P",
                         help="with --mixup or --cutmix: mix only this share of the batches, the rest trained on as "
@@ -256,9 +258,9 @@ def train_config(settings: dict) -> training.TrainConfig:
     return training.TrainConfig.from_settings(settings)
 
 
-def resumed_settings(args, checkpoint_path: Path) -> tuple[dict, list[str] | None]:
-    """The settings of the run being resumed, with the flags that may change (RESUMABLE_FLAGS) applied, and the
-    class names it was trained on."""
+def resumed_settings(args, checkpoint_path: Path) -> tuple[dict, dict]:
+    """The settings of the run being resumed, with the flags that may change (RESUMABLE_FLAGS) applied, and what
+    its checkpoint says of its data: class_names, steps_per_epoch, world_size (None where not recorded)."""
     if not checkpoint_path.is_file():
         raise UsageError(f"--resume: no checkpoint at {checkpoint_path}; drop --resume to start a new run.")
     checkpoint = training.load_checkpoint(checkpoint_path)
@@ -283,11 +285,15 @@ def resumed_settings(args, checkpoint_path: Path) -> tuple[dict, list[str] | Non
     if args.stop_after_epoch is not None and args.stop_after_epoch <= checkpoint["epoch"]:
         raise UsageError(f"--resume: this run has completed {checkpoint['epoch']} epochs already, so "
                          f"--stop-after-epoch {args.stop_after_epoch} is past; give a later epoch, or drop it.")
-    return settings, checkpoint.get("class_names")
+    return settings, {key: checkpoint.get(key) for key in ("class_names", "steps_per_epoch", "world_size")}
 
 
-def check_same_classes(class_names, run_class_names, data) -> None:
-    """--resume with --data: the data must have the classes the run was trained on, in the same order."""
+def check_same_run_data(run: dict | None, class_names, train_loader, settings: dict) -> None:
+    """--resume: the data must have the classes the run was trained on, in the same order, and give as many
+    steps per epoch (`training.fit` refuses otherwise: its schedule counts steps)."""
+    if run is None:
+        return
+    run_class_names, data = run["class_names"], settings["data"]
     if run_class_names is not None and list(class_names) != list(run_class_names):
         def listed(names):
             return ", ".join(names[:5]) + (f", ... ({len(names)} classes)" if len(names) > 5 else "")
@@ -295,6 +301,14 @@ def check_same_classes(class_names, run_class_names, data) -> None:
         raise UsageError(f"--resume: --data {data} has the classes {listed(list(class_names))}, but this run was "
                          f"trained on {listed(list(run_class_names))}; give the run's data, or start a new run "
                          f"with a new --out.")
+    steps, processes = run["steps_per_epoch"], run["world_size"]
+    if steps is not None and steps != len(train_loader):
+        world_size = training.distributed_info()[1]
+        raise UsageError(f"--resume: this run took {steps} steps per epoch"
+                         + (f" on {processes} process{'es' * (processes != 1)}" if processes else "")
+                         + f", and with --data {data} on {world_size} process{'es' * (world_size != 1)} it would take "
+                         f"{len(train_loader)}; resume with the run's data and number of processes (torchrun "
+                         f"--nproc_per_node), or start a new run with a new --out.")
 
 
 def check_out_folder(out: Path) -> None:
@@ -338,10 +352,10 @@ def prepare_run(args):
 
     out = Path(args.out)
     check_out_folder(out)
-    run_class_names = None
+    run = None  # with --resume: what the checkpoint says of the run's data
     try:
         if args.resume:
-            settings, run_class_names = resumed_settings(args, out / "checkpoint.pt")
+            settings, run = resumed_settings(args, out / "checkpoint.pt")
         else:
             settings = run_settings(args, training.resolve_device(args.device or "auto").type)
         model_config(settings, num_classes=2)  # checks the model name and sizes before the data is read
@@ -373,9 +387,11 @@ def prepare_run(args):
         if device.type == "cpu" and settings.get("cpu_threads"):
             torch.set_num_threads(settings["cpu_threads"])
         train_loader, test_loader, class_names = build_loaders(settings, device)
+        if not settings["cached"]:
+            settings["num_workers"] = train_loader.num_workers  # chosen for this machine when not given
     except (ValueError, TypeError, FileNotFoundError, DatasetError) as error:
         raise UsageError(one_line(error)) from None
-    check_same_classes(class_names, run_class_names, settings["data"])
+    check_same_run_data(run, class_names, train_loader, settings)
     torch.manual_seed(settings["seed"])
     model = ViT(model_config(settings, num_classes=len(class_names)))
     return settings, device, train_loader, test_loader, class_names, model

@@ -56,8 +56,9 @@ RANDOM_CROP_SCALE = (0.35, 1.0)
 RANDAUGMENT_MAGNITUDE = 9
 RANDAUGMENT_MAGNITUDE_BINS = 31
 #: Random erasing (Zhong et al. 2020; DeiT erases with probability 0.25): torchvision's RandomErasing boxes, each
-#: 2-33% of the image's area with an aspect ratio from 0.3 to 3.3, filled with 0 after normalisation (the mean
-#: colour; DeiT's timm fills noise). torchvision's defaults, which the cached loaders' batched boxes follow too.
+#: 2-33% of the image's area with an aspect ratio from 0.3 to 3.3, filled with 0 after normalisation (mid-grey,
+#: the centre of the normalisation, not the data's mean colour; DeiT's timm fills noise). torchvision's defaults,
+#: which the cached loaders' batched boxes follow too.
 RANDOM_ERASING_SCALE = (0.02, 0.33)
 RANDOM_ERASING_RATIO = (0.3, 3.3)
 
@@ -284,7 +285,7 @@ def build_transforms(image_size: int, augment: bool | str = True, mean=NORMALIZE
                                     fill=fill))
     elif policy == "autoaugment":
         train.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=fill))
-    # On the normalised tensor, where 0 is the mean colour (torchvision's default fill; timm's, in DeiT, is noise).
+    # On the normalised tensor, where 0 is mid-grey (torchvision's default fill; timm's, in DeiT, is noise).
     erase = [v2.RandomErasing(p=erasing, scale=RANDOM_ERASING_SCALE, ratio=RANDOM_ERASING_RATIO, value=0)]
     return v2.Compose([*train, *to_tensor, *(erase if erasing else [])]), test
 

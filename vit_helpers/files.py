@@ -63,8 +63,10 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def read_json(path: str | os.PathLike) -> dict:
-    """The JSON in `path`, or {} when it is missing or unreadable: a lost record or cache is never an error."""
+    """The JSON object in `path`, or {} when it is missing, unreadable or not an object: a lost or damaged record
+    or cache is never an error."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}

@@ -15,9 +15,11 @@ Speed habits, each switched on by default on CUDA: bf16 autocast, fused AdamW, T
 `non_blocking` copies from pinned memory, and no host-device synchronisation per step (loss and accuracy add up
 on the device and are read every `log_every` steps for the progress bar).
 
-Checkpoints are written atomically at the end of every epoch; `resume=True` continues exactly, because every
-epoch's randomness is seeded from (seed, rank, epoch). The same `fit` runs on many GPUs or nodes under
-`torchrun` (DistributedDataParallel; `init_distributed` joins the process group).
+Checkpoints are written atomically every `checkpoint_every` epochs (1 by default) and wherever a session stops;
+`resume=True` continues exactly, because every epoch's randomness is seeded from (seed, rank, epoch). It needs the
+same steps per epoch (data, batch size, number of processes), and refuses a checkpoint that took other ones.
+The same `fit` runs on many GPUs or nodes under `torchrun` (DistributedDataParallel; `init_distributed` joins
+the process group).
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ class NonFiniteLossError(RuntimeError):
     checkpoint was kept (no checkpoint is ever written with non-finite weights)."""
 
 
+def compile_modes() -> list[str]:
+    """The modes this torch's `torch.compile` takes (imports its compiler, a few seconds: only when a mode is set)."""
+    import torch._inductor
+
+    return list(torch._inductor.list_mode_options())
+
+
 @dataclass
 class TrainConfig:
     """Every knob of a training run. The defaults are a sound start for a small ViT trained from scratch."""
@@ -84,12 +93,17 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints; the last epoch of a session is always saved
 
     def __post_init__(self) -> None:
-        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1:
-            raise ValueError(f"eval_every is the number of epochs between evaluations, a whole number of at least 1, "
-                             f"got {self.eval_every!r}.")
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+        for name, what in (("eval_every", "epochs between evaluations"), ("checkpoint_every", "epochs between "
+                           "checkpoints"), ("log_every", "steps between progress-bar updates")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} is the number of {what}, a whole number of at least 1, got {value!r}.")
+        if not all(math.isfinite(alpha) and alpha >= 0 for alpha in (self.mixup_alpha, self.cutmix_alpha)):
             raise ValueError(f"mixup_alpha and cutmix_alpha must be 0 (off) or positive, got {self.mixup_alpha} "
                              f"and {self.cutmix_alpha}.")
+        if self.compile_mode is not None and self.compile_mode not in compile_modes():
+            raise ValueError(f"compile_mode {self.compile_mode!r} is not one of torch.compile's modes: "
+                             f"{', '.join(compile_modes())}.")
         if not 0 < self.mix_probability <= 1:
             raise ValueError(f"mix_probability is the share of batches mixed, above 0 and at most 1, got "
                              f"{self.mix_probability}; turn mixing off with mixup_alpha and cutmix_alpha 0.")
@@ -639,8 +653,8 @@ def _rng_states() -> dict[str, Any]:
     return states
 
 
-def _checkpoint_state(model, optimizer, scheduler, config, epoch, history, class_names, metadata,
-                      tally: EpochTally | None = None) -> dict[str, Any]:
+def _checkpoint_state(model, optimizer, scheduler, config, epoch, history, class_names, metadata, steps_per_epoch,
+                      world_size, tally: EpochTally | None = None) -> dict[str, Any]:
     model = unwrap_model(model)
     model_config = getattr(model, "config", None)
     state = {
@@ -648,6 +662,8 @@ def _checkpoint_state(model, optimizer, scheduler, config, epoch, history, class
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,  # epochs completed
+        "steps_per_epoch": steps_per_epoch,  # a resumed run must take as many: the schedule counts steps
+        "world_size": world_size,
         "config": dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else None,
         "train_config": config.to_dict(),
         "class_names": list(class_names) if class_names is not None else None,
@@ -663,7 +679,16 @@ def _checkpoint_state(model, optimizer, scheduler, config, epoch, history, class
     return state
 
 
-def _restore(checkpoint, model, optimizer, scheduler, lr_factor) -> tuple[int, list, EpochTally | None]:
+def _restore(checkpoint, model, optimizer, scheduler, lr_factor,
+             steps_per_epoch: int) -> tuple[int, list, EpochTally | None]:
+    # The scheduler counts steps; from other steps per epoch the rate would be off its schedule (and a
+    # mid-epoch resume would skip the wrong batches). Checkpoints from before this was recorded are not checked.
+    steps_before, processes_before = checkpoint.get("steps_per_epoch"), checkpoint.get("world_size")
+    if steps_before is not None and steps_before != steps_per_epoch:
+        processes = f" on {processes_before} process{'es' * (processes_before != 1)}" if processes_before else ""
+        raise ValueError(f"this checkpoint's run took {steps_before} steps per epoch{processes}, and resumed it would "
+                         f"take {steps_per_epoch}: the training data, the batch size or the number of processes "
+                         f"differs. Resume with the run's own, or start a new run.")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
@@ -701,8 +726,9 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
       on them, so data order and augmentations continue as in an uninterrupted run; only randomness drawn by
       the steps themselves (dropout, MixUp/CutMix) differs. (Augmentations drawn in the main process, with
       num_workers=0, share the global generator with those steps, so where the steps draw, they differ too;
-      worker processes and the cached loaders draw from generators of their own.) Under torchrun Ctrl-C stops
-      the processes; the last end-of-epoch checkpoint stays.
+      worker processes and the cached loaders draw from generators of their own.) Ctrl-C during an evaluation
+      saves the epoch, evaluated or, when the loader's workers were stopped too, without its test figures; resuming
+      from it is exact. Under torchrun Ctrl-C stops the processes; the last end-of-epoch checkpoint stays.
     - A NaN or infinite loss or gradient norm raises NonFiniteLossError and leaves the last checkpoint as it was.
     """
     config = dataclasses.replace(config or TrainConfig(), **({"epochs": epochs} if epochs else {}))
@@ -722,13 +748,14 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
         raise ValueError("resume=True needs checkpoint_path: the checkpoint to continue from.")
     if resume:
         start_epoch, history, tally = _restore(load_checkpoint(checkpoint_path, device), model, optimizer,
-                                               scheduler, lr_factor)
+                                               scheduler, lr_factor, steps_per_epoch)
     train_model, eval_model = wrap_for_training(model, device, config, world_size)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     mixer = batch_mixer(config, len(class_names) if class_names is not None
                         else getattr(getattr(model, "config", None), "num_classes", None))
     eval_loader, eval_distributed = evaluation_loader(test_loader, rank, world_size)
-    save = _saver(rank, world_size, checkpoint_path, optimizer, scheduler, config, class_names, metadata)
+    save = _saver(rank, world_size, checkpoint_path, optimizer, scheduler, config, class_names, metadata,
+                  steps_per_epoch)
     # The last evaluation's duration, for the time limit's forecast (0 until one has been timed)
     # (A checkpoint written before evaluations were timed has none.)
     evaluation_seconds = next((record.get("evaluation_seconds", 0.0) for record in reversed(evaluated(history))), 0.0)
@@ -765,8 +792,11 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
             test = None
             if due or stopping:  # the last epoch of a session is always evaluated: its accuracy is reported
                 evaluation_started = time.perf_counter()
-                test = evaluate(eval_model, eval_loader, device, config.amp, eval_distributed)
+                test = _evaluate_unless_stopped(eval_model, eval_loader, device, config.amp, eval_distributed, stop)
                 evaluation_seconds = time.perf_counter() - evaluation_started
+            # Ctrl-C during the evaluation: the epoch's training is complete, so it is saved below whatever
+            # checkpoint_every says (the message promises a checkpoint).
+            stopping = stopping or stop.requested
             record = _epoch_record(epoch, tally, test, scheduler, world_size, epoch_started,
                                    evaluation_seconds if test else 0.0)
             history.append(record)
@@ -781,6 +811,17 @@ def fit(model: nn.Module, train_loader, test_loader, epochs: int | None = None, 
             if stopping:
                 break
     return history
+
+
+def _evaluate_unless_stopped(model, loader, device, amp, distributed, stop: GracefulStop) -> dict | None:
+    """`evaluate`, or None when Ctrl-C ended it: DataLoader workers started by spawn or forkserver (not fork) get
+    the Ctrl-C too and exit, and the loader then fails waiting for their batch. The epoch is saved without it."""
+    try:
+        return evaluate(model, loader, device, amp, distributed)
+    except RuntimeError:
+        if not stop.requested:
+            raise
+        return None
 
 
 def wrap_for_training(model, device, config, world_size):
@@ -803,11 +844,11 @@ def wrap_for_training(model, device, config, world_size):
             torch.compile(model, mode=config.compile_mode, dynamic=False))
 
 
-def _saver(rank, world_size, checkpoint_path, optimizer, scheduler, config, class_names, metadata):
+def _saver(rank, world_size, checkpoint_path, optimizer, scheduler, config, class_names, metadata, steps_per_epoch):
     def save(model, epoch, history, tally=None):
         if rank == 0 and checkpoint_path is not None:
             save_checkpoint(_checkpoint_state(model, optimizer, scheduler, config, epoch, history, class_names,
-                                              metadata, tally), checkpoint_path)
+                                              metadata, steps_per_epoch, world_size, tally), checkpoint_path)
         if world_size > 1 and checkpoint_path is not None:
             # The others wait for rank 0's file: a process that left fit early and resumed at once (a probe, then
             # resume=True) would otherwise read the previous checkpoint, or none, and go out of step.
