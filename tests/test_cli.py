@@ -137,16 +137,34 @@ def test_the_number_of_loader_workers_is_recorded_and_cannot_change_on_resume(ti
     assert "--num-workers cannot change" in one_error_line(capsys)
 
 
-def test_resume_refuses_data_that_gives_another_number_of_steps_per_epoch(tiny_folder, tmp_path, capsys):
-    """The schedule counts steps: from fewer images per epoch the learning rate would run off its schedule."""
+def test_resume_refuses_data_with_other_images_even_where_the_steps_per_epoch_agree(tiny_folder, tmp_path, capsys):
+    """One image more per class: still 6 full batches of 8 an epoch, but a folder split by stratified_split would
+    split anew, and some test images would be trained on."""
     out = tmp_path / "run"
     assert main(train_args(tiny_folder, out, "--stop-after-epoch", "1")) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["metadata"]["images"] == {"train": 48, "test": 15}
+    grown = make_image_folders(tmp_path / "grown", COLOURS, train=17)  # the same classes, 51 training images
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--data", str(grown)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the new data's decoding bar
+    assert "holds 51 training and 15 test images, but this run had 48 and 15: images were added or removed" in error
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+
+
+def test_resume_refuses_data_that_gives_another_number_of_steps_per_epoch(tiny_folder, tmp_path, capsys):
+    """The schedule counts steps: from fewer steps per epoch the learning rate would run off its schedule. Here
+    a checkpoint that does not record its image counts (as before they were), resumed on half the images; under
+    torchrun another number of processes changes the steps per epoch the same way."""
+    out = tmp_path / "run"
+    assert main(train_args(tiny_folder, out, "--stop-after-epoch", "1")) == 0
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    del checkpoint["metadata"]["images"]
+    torch.save(checkpoint, out / "checkpoint.pt")
     smaller = make_image_folders(tmp_path / "smaller", COLOURS, train=8)  # the same classes, half the images
     capsys.readouterr()
     assert main(["train", "--out", str(out), "--resume", "--data", str(smaller)]) == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the new data's decoding bar
+    error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "this run took 6 steps per epoch on 1 process, and with --data" in error and "would take 3;" in error
-    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
 
 
 def test_init_flag_starts_the_model_as_timm_does_and_cannot_change_on_resume(tiny_folder, tmp_path, capsys):

@@ -285,12 +285,20 @@ def resumed_settings(args, checkpoint_path: Path) -> tuple[dict, dict]:
     if args.stop_after_epoch is not None and args.stop_after_epoch <= checkpoint["epoch"]:
         raise UsageError(f"--resume: this run has completed {checkpoint['epoch']} epochs already, so "
                          f"--stop-after-epoch {args.stop_after_epoch} is past; give a later epoch, or drop it.")
-    return settings, {key: checkpoint.get(key) for key in ("class_names", "steps_per_epoch", "world_size")}
+    run = {key: checkpoint.get(key) for key in ("class_names", "steps_per_epoch", "world_size")}
+    return settings, dict(run, images=checkpoint.get("metadata", {}).get("images"))
 
 
-def check_same_run_data(run: dict | None, class_names, train_loader, settings: dict) -> None:
-    """--resume: the data must have the classes the run was trained on, in the same order, and give as many
-    steps per epoch (`training.fit` refuses otherwise: its schedule counts steps)."""
+def image_counts(train_loader, test_loader) -> dict[str, int]:
+    """How many images the run's training and test splits hold (every process's, together)."""
+    return {"train": len(train_loader.dataset), "test": len(test_loader.dataset)}
+
+
+def check_same_run_data(run: dict | None, class_names, train_loader, test_loader, settings: dict) -> None:
+    """--resume: the data must have the classes the run was trained on, in the same order; as many training and
+    test images (a folder split by `data.stratified_split` splits anew when an image is added or removed, and
+    test images would then be trained on); and give as many steps per epoch (`training.fit` refuses otherwise:
+    its schedule counts steps)."""
     if run is None:
         return
     run_class_names, data = run["class_names"], settings["data"]
@@ -301,6 +309,12 @@ def check_same_run_data(run: dict | None, class_names, train_loader, settings: d
         raise UsageError(f"--resume: --data {data} has the classes {listed(list(class_names))}, but this run was "
                          f"trained on {listed(list(run_class_names))}; give the run's data, or start a new run "
                          f"with a new --out.")
+    counts = image_counts(train_loader, test_loader)
+    if run["images"] is not None and run["images"] != counts:
+        raise UsageError(f"--resume: --data {data} holds {counts['train']} training and {counts['test']} test images, "
+                         f"but this run had {run['images']['train']} and {run['images']['test']}: images were added or "
+                         f"removed, and the split would not be the run's (test images could be trained on). Give the "
+                         f"run's data, or start a new run with a new --out.")
     steps, processes = run["steps_per_epoch"], run["world_size"]
     if steps is not None and steps != len(train_loader):
         world_size = training.distributed_info()[1]
@@ -391,7 +405,7 @@ def prepare_run(args):
             settings["num_workers"] = train_loader.num_workers  # chosen for this machine when not given
     except (ValueError, TypeError, FileNotFoundError, DatasetError) as error:
         raise UsageError(one_line(error)) from None
-    check_same_run_data(run, class_names, train_loader, settings)
+    check_same_run_data(run, class_names, train_loader, test_loader, settings)
     torch.manual_seed(settings["seed"])
     model = ViT(model_config(settings, num_classes=len(class_names)))
     return settings, device, train_loader, test_loader, class_names, model
@@ -428,7 +442,8 @@ def _prepared_train(args, settings, device, train_loader, test_loader, class_nam
     started = time.perf_counter()
     history = training.fit(model, train_loader, test_loader, config=train_config(settings),
                            class_names=class_names, checkpoint_path=out / "checkpoint.pt", resume=args.resume,
-                           stop_after_epoch=args.stop_after_epoch, metadata={"settings": settings})
+                           stop_after_epoch=args.stop_after_epoch,
+                           metadata={"settings": settings, "images": image_counts(train_loader, test_loader)})
     probabilities, labels = training.predict(model, test_loader, device)
     if rank == 0:
         write_results(out, settings, model, history, class_names, probabilities, labels, test_loader,
