@@ -510,7 +510,8 @@ def check_pace(args, device, results) -> list[tuple]:
         if batch not in agreements:  # once per batch size: the compiled augmentation's output
             agreements[batch] = agreement = augmentations_agree(loaders[False][0], loaders[True][0])
             add_row(f"compiled augmentation equals the plain one, batch {batch}",
-                    f"{100 * agreement:.3f}% of values within 1e-4", ">= 99.9%", "PASS" if agreement >= 0.999 else "FAIL")
+                    f"{100 * agreement:.3f}% of values within 1e-4", ">= 99.9%",
+                    "PASS" if agreement >= 0.999 else "FAIL")
         record_suggestion()  # the loader's figures, kept even if the run below is cut off
         train_loader, test_loader, classes = loaders[compile_augment]
         torch.manual_seed(0)
