@@ -1071,6 +1071,16 @@ def test_rank_sharding_covers_the_test_set_exactly_once(tmp_path):
         train_indices.append(list(train.sampler))
     assert len(train_indices[0]) == len(train_indices[1]) == 9
     assert sorted(sum(train_indices, [])) == list(range(18))  # 18 images split evenly, none twice
+    # One process's figures of the test set (the CLI's example predictions) read it whole, as one process alone does
+    alone = make_cached_loaders(root, image_size=8, batch_size=2, device="cpu")[1]
+    for _, test, _ in shards:
+        batches, expected = list(test.whole()), list(alone)
+        assert len(batches) == len(expected) == 5
+        assert all(torch.equal(x, x_alone) and torch.equal(y, y_alone)
+                   for (x, y), (x_alone, y_alone) in zip(batches, expected))
+        assert len(test.sampler) < 9  # its own share is untouched
+    with pytest.raises(ValueError, match="whole\\(\\) reads a test loader's whole split"):
+        shards[0][0].whole()
 
 
 def test_example_photo_is_the_square_portrait_at_any_size():

@@ -489,7 +489,9 @@ def write_results(out: Path, settings, model, history, class_names, probabilitie
         json.dump(metrics, file, indent=2)
     figures = {"loss_curves.png": plots.plot_history(history),
                "confusion_matrix.png": plots.plot_confusion_matrix(matrix, class_names)}
-    _, images, example_labels = spread_examples(test_loader, count=16)
+    # Under DDP a cached test loader holds this process's share: the examples come from the whole test set.
+    whole = test_loader.whole() if hasattr(test_loader, "whole") else test_loader
+    _, images, example_labels = spread_examples(whole, count=16)
     model.eval()
     with torch.no_grad():
         example_probabilities = model(images.to(next(model.parameters()).device)).float().softmax(dim=-1).cpu()

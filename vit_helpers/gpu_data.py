@@ -40,6 +40,7 @@ grey), and so are the colour ops on the same input. The differences from torchvi
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -602,6 +603,15 @@ class CachedImageLoader:
     def set_epoch(self, epoch: int) -> None:
         """Order and augmentation of the coming pass become a function of (seed, epoch)."""
         self.sampler.set_epoch(epoch)
+
+    def whole(self) -> "CachedImageLoader":
+        """This test loader over the whole split, in order, though under DDP this process's share is every
+        world_size-th image: for what one process shows of the test set (the CLI's example predictions)."""
+        if self.train:
+            raise ValueError("whole() reads a test loader's whole split; a training loader's order is its own.")
+        whole = copy.copy(self)
+        whole.sampler = ShardSampler(len(self.rows))
+        return whole
 
     def __len__(self) -> int:
         if self.drop_last:
