@@ -14,7 +14,8 @@ IPYTHONDIR_NB := $(VENV)/ipython
 setup: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml
-	test -x $(PYTHON) || $(PYTHON_SYSTEM) -m venv $(VENV)
+	@# A venv without pip is one whose creation failed half way (Debian/Ubuntu without python3-venv): made afresh.
+	test -x $(VENV)/bin/pip || { rm -rf $(VENV) && $(PYTHON_SYSTEM) -m venv $(VENV); }
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
 	mkdir -p $(IPYTHONDIR_NB)/profile_default
 	echo 'c.InteractiveShell.colors = "nocolor"' > $(IPYTHONDIR_NB)/profile_default/ipython_kernel_config.py

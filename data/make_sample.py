@@ -1,7 +1,7 @@
 """Rebuild `data/sample/`, the small Fashion-MNIST subset the project ships, byte for byte.
 
     sudo apt-get install dataset-fashion-mnist      # Debian/Ubuntu: the four IDX files, MIT licence
-    python data/make_sample.py                      # writes data/sample/{train,test}/<class>/<index>.png
+    .venv/bin/python data/make_sample.py            # writes data/sample/{train,test}/<class>/<index>.png
 
 The sample is balanced: 400 training images per class drawn from Fashion-MNIST's training split and 100 test
 images per class from its test split (5,000 PNGs, 28x28 grayscale, about 2.5 MB). The draw is seeded, so the

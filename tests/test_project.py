@@ -31,7 +31,9 @@ def test_environment_yml_names_the_same_packages_as_pyproject():
     conda = set()
     text = (ROOT / "environment.yml").read_text()
     for line in text.split("dependencies:", 1)[1].splitlines():
-        match = re.match(r"^  - ([A-Za-z0-9_.\-]+)", line)  # a top-level conda dependency, not the pip list
+        # a conda dependency, or one of the pip list's (those conda-forge lacks in a recent enough version)
+        match = re.match(r"^  - ([A-Za-z0-9_.\-]+)", line) or \
+            re.match(r"^      - ([A-Za-z0-9_.][A-Za-z0-9_.\-]*)", line)
         if match and match.group(1) not in ("python", "pip"):
             name = package_name(match.group(1))
             conda.add(CONDA_TO_PYPI.get(name, name))

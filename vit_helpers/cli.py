@@ -111,7 +111,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=positive_int)
     parser.add_argument("--patch-size", type=positive_int, help="overrides the patch size of --model")
     parser.add_argument("--init", choices=INITS, help="how the weights start: official (the paper's JAX code, the "
-                                                      "default) or timm (std 0.02, as timm and DeiT)")
+                                                      "default unless a recipe sets it) or timm (std 0.02, as timm "
+                                                      "and DeiT)")
     parser.add_argument("--drop-path", type=probability, metavar="P",
                         help="stochastic depth (DeiT's, not the paper's): in training each layer's branches are "
                              "skipped per image, the last layer's with probability P, earlier ones' less (default 0)")
