@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from vit_helpers.cli import main
+from vit_helpers.model import ViTConfig
 from vit_helpers.training import load_checkpoint
 
 
@@ -53,6 +54,11 @@ def test_train_writes_metrics_checkpoint_and_plots(tiny_folder, tmp_path, capsys
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
     assert metrics["world_size"] == 1 and metrics["images_per_second"] > 0
+    # MFU as `bench` and notebook 07 count it: what the model computes per second over a measured matrix product
+    flops_per_image = ViTConfig(**metrics["model_config"]).executed_training_flops()
+    assert metrics["training_flops_per_second"] == pytest.approx(metrics["images_per_second"] * flops_per_image)
+    assert metrics["mfu"] == pytest.approx(metrics["training_flops_per_second"] / metrics["matmul_flops_per_second"])
+    assert 0 < metrics["mfu"] < 1
     assert [record["epoch"] for record in metrics["history"]] == [1, 2]
     for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
         assert all(key in record for record in metrics["history"])
@@ -67,6 +73,7 @@ def test_train_writes_metrics_checkpoint_and_plots(tiny_folder, tmp_path, capsys
         assert (out / name).read_bytes().startswith(b"\x89PNG")
     printed = capsys.readouterr().out
     assert str(out / "metrics.json") in printed and str(out / "loss_curves.png") in printed
+    assert f"MFU {metrics['mfu']:.1%} of a measured matrix product's" in printed
 
 
 def test_train_with_plain_loaders_and_no_recipe(tiny_folder, tmp_path):

@@ -464,18 +464,27 @@ def remove_earlier_results(out: Path) -> None:
 
 def write_results(out: Path, settings, model, history, class_names, probabilities, labels, test_loader,
                   world_size: int, seconds: float) -> None:
+    from vit_helpers.bench import measure_matmul_ceiling
     from vit_helpers.data import denormalize, spread_examples
 
     matrix = training.confusion_matrix(probabilities.argmax(dim=-1), labels, len(class_names))
     steady = [record["images_per_second"] for record in history[1:]] or [history[-1]["images_per_second"]]
+    device = next(model.parameters()).device
+    # MFU, as `bench` and notebook 07 report it: the model's arithmetic per second (what ViT.forward computes,
+    # forward and backward) over a large matrix product's, measured now on this device (once per process under DDP).
+    training_flops = statistics.median(steady) * model.config.executed_training_flops()
+    matmul_flops = measure_matmul_ceiling(device) * world_size
     metrics = {
         "test_accuracy": history[-1]["test_accuracy"],
         "test_loss": history[-1]["test_loss"],
         "best_test_accuracy": max(record["test_accuracy"] for record in training.evaluated(history)),
         "epochs_completed": history[-1]["epoch"],
         "images_per_second": statistics.median(steady),  # training, all processes, after the first epoch
+        "training_flops_per_second": training_flops,
+        "matmul_flops_per_second": matmul_flops,  # the ceiling: bench.measure_matmul_ceiling, x world_size
+        "mfu": training_flops / matmul_flops,
         "world_size": world_size,
-        "device": str(next(model.parameters()).device),
+        "device": str(device),
         "wall_time_seconds": seconds,
         "num_parameters": model.num_parameters(),
         "model": settings["model"],
@@ -495,14 +504,15 @@ def write_results(out: Path, settings, model, history, class_names, probabilitie
     _, images, example_labels = spread_examples(whole, count=16)
     model.eval()
     with torch.no_grad():
-        example_probabilities = model(images.to(next(model.parameters()).device)).float().softmax(dim=-1).cpu()
+        example_probabilities = model(images.to(device)).float().softmax(dim=-1).cpu()
     figures["predictions.png"] = plots.plot_predictions(images, example_probabilities, class_names,
                                                         example_labels, denormalize=denormalize)
     for name, figure in figures.items():
         with atomic_write(out / name) as file:
             figure.savefig(file, format="png", dpi=110, bbox_inches="tight")  # as notebooks show them: no label cut off
     print(f"test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs_completed']} epochs "
-          f"({seconds:.0f} s, {metrics['images_per_second']:.0f} img/s)")
+          f"({seconds:.0f} s, {metrics['images_per_second']:.0f} img/s, {training_flops / 1e12:.3g} TFLOP/s: "
+          f"MFU {metrics['mfu']:.1%} of a measured matrix product's)")
     print(f"metrics:    {out / 'metrics.json'}\ncheckpoint: {out / 'checkpoint.pt'}\n"
           f"plots:      {', '.join(str(out / name) for name in figures)}")
 
