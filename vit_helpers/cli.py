@@ -471,7 +471,8 @@ def write_results(out: Path, settings, model, history, class_names, probabilitie
     steady = [record["images_per_second"] for record in history[1:]] or [history[-1]["images_per_second"]]
     device = next(model.parameters()).device
     # MFU, as `bench` and notebook 07 report it: the model's arithmetic per second (what ViT.forward computes,
-    # forward and backward) over a large matrix product's, measured now on this device (once per process under DDP).
+    # forward and backward) over a large matrix product's, measured now on this process's device (rank 0's under
+    # DDP, counted once for each process).
     training_flops = statistics.median(steady) * model.config.executed_training_flops()
     matmul_flops = measure_matmul_ceiling(device) * world_size
     metrics = {
