@@ -650,7 +650,7 @@ def profile_summary(profile: dict) -> str:
         ": more than the wall time, so some work is counted twice)" if busy > wall else ")")
     return f"{wall:.2f} ms/step under the profiler, {device}, host in operators " \
            f"{profile['host_operator_ms_per_step']:.2f} ms, waiting for the device " \
-           f"{profile.get('host_waiting_ms_per_step', 0.0):.2f} ms"
+           f"{profile['host_waiting_ms_per_step']:.2f} ms"
 
 
 #: What the pace check's runs must show for the cifar check to take their settings. CUDA graphs keep the recipe's
