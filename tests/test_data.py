@@ -7,6 +7,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -747,6 +748,29 @@ def test_a_phone_photo_stored_sideways_loads_upright(tmp_path):
     upright = data.load_rgb(tmp_path / "phone.jpg")
     assert upright.size == (30, 40) and data.check_image(tmp_path / "phone.jpg") is None
     assert upright.getpixel((15, 3))[2] > 150 and upright.getpixel((15, 36))[0] > 150  # the left side is now on top
+
+
+def test_worker_processes_decode_and_check_images_as_this_process_does(tmp_path):
+    # Every kind of file the loaders meet, and more images than one batch holds (a batch is about 2 MB of pixels:
+    # 10 images at 256 px), so that batches from two workers are put back in order.
+    paths = [write_image(tmp_path / f"rgb{i}.jpg", seed=i, size=(20 + i, 14)) for i in range(21)]
+    paths += [write_image(tmp_path / f"{mode}.png", mode, seed=30) for mode in ("L", "RGBA", "P")]
+    paths += [write_image(tmp_path / "cmyk.jpg", "CMYK", seed=31)]
+    Image.new("I;16", (6, 6), 30000).save(tmp_path / "sixteen.png")
+    paths = [str(path) for path in paths + [tmp_path / "sixteen.png"]]
+    here = gpu_data.decode_images(paths, 256, workers=0)
+    assert here.shape == (len(paths), 3, 256, 256)
+    assert torch.equal(gpu_data.decode_images(paths, 256, workers=2), here)
+    # Each image as the test transform's resize and crop gives it, in the order of the paths
+    geometry = data.resize_and_crop(256)
+    for index in (0, 12, 20, len(paths) - 1):
+        expected = torch.from_numpy(np.array(geometry(data.load_rgb(paths[index])))).permute(2, 0, 1)
+        assert torch.equal(here[index], expected), paths[index]
+
+    broken = [str(write_truncated_jpeg(tmp_path / "broken.jpg")), str(tmp_path / "text.png")]
+    (tmp_path / "text.png").write_text("hello")
+    verdicts = data.verify_images(paths + broken, tmp_path, workers=2)
+    assert verdicts == data.verify_images(paths + broken, tmp_path, workers=0) and sorted(verdicts) == sorted(broken)
 
 
 def test_truncated_and_unreadable_files_are_skipped_with_a_warning_that_names_them(tmp_path, monkeypatch):

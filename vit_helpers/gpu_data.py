@@ -1,9 +1,9 @@
 """Decode once, augment on the device: loaders that keep up with a GPU.
 
 An H100 trains ViT-B/16 at about 3,500 images/s, while one CPU core decodes about 400 JPEGs/s. So every image
-is decoded and resized once (threads, a progress bar) into a uint8 tensor (N, 3, S, S) saved beside the data;
-each epoch then only gathers rows, and the augmentation runs on the device in batched tensor ops, on several
-batches at a time (`CachedImageLoader.images_augmented_at_once`: 2,048 images at 32 px):
+is decoded and resized once (in worker processes where there are many, with a progress bar) into a uint8 tensor
+(N, 3, S, S) saved beside the data; each epoch then only gathers rows, and the augmentation runs on the device in
+batched tensor ops, on several batches at a time (`CachedImageLoader.images_augmented_at_once`: 2,048 images at 32 px):
 
     random resized crop + horizontal flip   one affine sampling grid per image, `F.grid_sample` for the batch
       (or crop_padding=P: shifts of up to P whole pixels, black coming in: CIFAR's usual crop, by indexing, so
@@ -47,7 +47,6 @@ import json
 import math
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +55,6 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
-from tqdm.auto import tqdm
 
 from vit_helpers.data import (
     NORMALIZE_MEAN,
@@ -68,7 +66,6 @@ from vit_helpers.data import (
     RANDOM_ERASING_SCALE,
     VerifiedImageFolder,
     _augment_policy,
-    _cpu_count,
     adopt_old_cache,
     cache_folder,
     check_split_classes,
@@ -77,6 +74,7 @@ from vit_helpers.data import (
     checked_fill,
     checked_magnitude,
     load_rgb,
+    map_paths,
     resize_and_crop,
     split_folders,
     stratified_split,
@@ -102,19 +100,26 @@ def folder_fingerprint(folder: VerifiedImageFolder, image_size: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def decode_images(paths: list[str], image_size: int, num_threads: int | None = None) -> torch.Tensor:
-    """Every image as RGB, resized and centre-cropped like the test transform: uint8 (N, 3, S, S)."""
-    geometry = resize_and_crop(image_size)
+class _DecodeAt:
+    """path -> the image as RGB, resized and centre-cropped like the test transform: uint8 (3, S, S). A class, not a
+    closure: `map_paths` sends it to worker processes."""
+
+    def __init__(self, image_size: int):
+        self.geometry = resize_and_crop(image_size)
+
+    def __call__(self, path: str) -> torch.Tensor:
+        return TF.pil_to_tensor(self.geometry(load_rgb(path)))
+
+
+def decode_images(paths: list[str], image_size: int, workers: int | None = None) -> torch.Tensor:
+    """Every image as RGB, resized and centre-cropped like the test transform: uint8 (N, 3, S, S), decoded in worker
+    processes where there are many images and cores (`data.map_paths`)."""
     images = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
-
-    def decode(index: int) -> None:
-        images[index] = TF.pil_to_tensor(geometry(load_rgb(paths[index])))  # (3, S, S)
-
-    threads = num_threads or min(32, _cpu_count())  # PIL decodes and resizes without holding the GIL
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for _ in tqdm(pool.map(decode, range(len(paths))), total=len(paths), desc=f"decoding at {image_size}px",
-                      unit="img"):
-            pass
+    start = 0
+    for batch in map_paths(_DecodeAt(image_size), paths, stack=True, item_bytes=3 * image_size * image_size,
+                           workers=workers, desc=f"decoding at {image_size}px"):
+        images[start:start + len(batch)] = batch
+        start += len(batch)
     return images
 
 
