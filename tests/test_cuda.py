@@ -178,3 +178,29 @@ def test_cuda_graphs_from_chunked_cached_batches_evaluating_every_other_epoch_re
     plain = evaluate(model, test, DEVICE)
     assert plain["accuracy"] == pytest.approx(history[-1]["test_accuracy"], abs=1 / 40)
     assert plain["loss"] == pytest.approx(history[-1]["test_loss"], rel=2e-2)
+
+
+@pytest.mark.parametrize("kernel", ["math", "efficient", "flash", "cudnn"])
+def test_each_attention_kernel_runs_as_named_and_gives_pytorchs_logits_and_gradients(kernel):
+    """The cifar10 recipe's heads (D_h = 16) over 65 tokens, under bf16 autocast as the engine trains: each kernel
+    computes what PyTorch's own choice computes, to bf16 rounding, and is the one that ran (its name in the profile;
+    "math" has no kernel of its own)."""
+    config = ViTConfig(image_size=32, patch_size=4, num_classes=10, embed_dim=64, num_layers=2, num_heads=4,
+                       mlp_dim=128, init="timm")  # a head that is not zero: every weight gets a gradient
+    torch.manual_seed(0)
+    chosen = ViT(config).to(DEVICE)
+    model = ViT(dataclasses.replace(config, attention_kernel=kernel)).to(DEVICE)
+    model.load_state_dict(chosen.state_dict())
+    images = torch.randn(8, 3, 32, 32, device=DEVICE)
+    results = []
+    for network in (chosen, model):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16), torch.profiler.profile() as profile:
+            logits = network(images)
+            logits.float().square().sum().backward()
+        names = " ".join(event.name.lower() for event in profile.events())
+        results.append((logits.float(), torch.cat([p.grad.flatten() for p in network.parameters()]), names))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0.05, atol=0.05)
+    assert torch.nn.functional.cosine_similarity(results[1][1], results[0][1], dim=0) > 0.99
+    if DEVICE.type == "cuda":
+        expected = {"flash": "flash", "efficient": "efficient", "cudnn": "cudnn", "math": "attention_math"}[kernel]
+        assert expected in results[1][2]

@@ -103,6 +103,7 @@ def test_named_overrides_and_bad_names():
     (dict(patch_size=0), "patch_size must be a positive integer"),  # was a ZeroDivisionError
     (dict(num_heads=0), "num_heads must be a positive integer"),  # was a ZeroDivisionError
     (dict(num_heads=5), r"choose num_heads from \[1, 2, 3, 4, 6, 8, 12, 16, 24\]"),  # says what would work
+    (dict(attention_kernel="fast"), r"attention_kernel must be one of 'math', 'efficient', 'flash', 'cudnn' or None"),
 ])
 def test_bad_configs_say_what_to_do(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -206,6 +207,40 @@ def test_explicit_and_fused_attention_agree():
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 10))
     attention.fused = False
     torch.testing.assert_close(attention(x), explicit)
+
+
+def attention_ops(model, images) -> set[str]:
+    """The names of the attention operators a forward and backward of `model` ran."""
+    with torch.profiler.profile() as profile:
+        model(images).sum().backward()
+    return {event.name for event in profile.events() if "attention" in event.name}
+
+
+def test_the_math_attention_kernel_runs_where_asked_and_computes_the_same_function():
+    images = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    chosen = ViT(tiny_config())  # PyTorch's choice
+    expected = chosen(images)
+    pytorchs = attention_ops(chosen, images)
+    assert any("flash" in name for name in pytorchs), pytorchs  # on the CPU, PyTorch chooses its flash kernel
+    for kernel in ("math", "cudnn"):  # cudnn is CUDA's: on the CPU, PyTorch chooses, and the model still runs
+        model = ViT(tiny_config(attention_kernel=kernel))
+        model.load_state_dict(chosen.state_dict())
+        torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+        ran = attention_ops(model, images)
+        if kernel == "math":
+            assert any("attention_math" in name for name in ran) and not any("flash" in name for name in ran), ran
+        else:
+            assert ran == pytorchs
+    # Traced by torch.compile without a graph break, and the same logits
+    torch._dynamo.reset()
+    model = ViT(tiny_config(attention_kernel="math"))
+    model.load_state_dict(chosen.state_dict())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    logits = compiled(images)
+    logits.sum().backward()
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
 
 
 def test_attention_equals_torch_multihead_attention():

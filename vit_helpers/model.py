@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchvision.ops import StochasticDepth
 
 # --------------------------------------------------------------------------------------------------------------
@@ -49,6 +50,17 @@ NAMED_MODELS = ("ViT-Ti/16", "ViT-S/16", "ViT-B/16", "ViT-B/32", "ViT-L/16", "Vi
 #: The ways `ViT.reset_parameters` can start the weights: "official", as the paper's JAX code; "timm", a normal
 #: distribution of std 0.02 for every linear layer, as timm and DeiT (which trains ViTs without extra data).
 INITS = ("official", "timm")
+
+#: `ViTConfig.attention_kernel`'s choices: which of `F.scaled_dot_product_attention`'s kernels runs on a CUDA GPU.
+#: None lets PyTorch choose: on the H200 under bf16, cuDNN's flash attention, which took 39% of the GPU's time in a
+#: training step of the cifar10 recipe's model (heads of D_h = 16, 65 tokens; BENCHMARKS.md). For heads this small
+#: another kernel may be faster: `scripts/gpu_checks.py --checks pace` with the choice in `model_overrides`.
+ATTENTION_KERNELS: dict[str, SDPBackend] = {
+    "math": SDPBackend.MATH,  # plain matrix products and a softmax, which torch.compile fuses like any other ops
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,  # the memory-efficient kernel (any precision)
+    "flash": SDPBackend.FLASH_ATTENTION,  # FlashAttention-2 (16-bit inputs only)
+    "cudnn": SDPBackend.CUDNN_ATTENTION,  # cuDNN's (16-bit inputs only)
+}
 
 _NAME_PATTERN = re.compile(r"^vit-(ti|s|b|l|h)(?:/(\d+))?$", re.IGNORECASE)
 
@@ -79,6 +91,10 @@ class ViTConfig:
     # probability drop_path, earlier layers' proportionally less (the first never). 0: off, the paper's model.
     drop_path: float = 0.0
     init: str = "official"  # how ViT.reset_parameters starts the weights: one of INITS
+    # How the attention is computed, not what: one of ATTENTION_KERNELS, or None for PyTorch's choice. The same
+    # function either way (to rounding). Every kernel is CUDA's; on the CPU, "math" is used and the others leave
+    # the choice to PyTorch, so that a model trained with one runs anywhere.
+    attention_kernel: str | None = None
 
     def __post_init__(self) -> None:
         # Positive sizes first: a zero patch_size or num_heads would otherwise fail below as a ZeroDivisionError.
@@ -98,6 +114,9 @@ class ViTConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} is a probability of dropping, from 0 (off) up to but not including 1; got "
                                  f"{getattr(self, name)}.")
+        if self.attention_kernel is not None and self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel must be one of {', '.join(map(repr, ATTENTION_KERNELS))} or None "
+                             f"(PyTorch chooses), got {self.attention_kernel!r}.")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(map(repr, INITS))} (see ViT.reset_parameters), got "
                              f"{self.init!r}.")
@@ -241,11 +260,12 @@ class MultiheadSelfAttention(nn.Module):
     - the explicit one writes softmax(QK^T / sqrt(D_h)) V out, and can return the attention weights;
     - `F.scaled_dot_product_attention` fuses it into one kernel that never stores the (tokens x tokens) weight
       matrix: on CUDA, flash attention under bf16 autocast, a memory-efficient fused kernel in float32 (flash
-      attention takes only 16-bit inputs). It is used whenever the weights are not asked for.
+      attention takes only 16-bit inputs), or the kernel `ViTConfig.attention_kernel` names. It is used whenever
+      the weights are not asked for.
     """
 
     def __init__(self, embed_dim: int = 768, num_heads: int = 12, attention_dropout: float = 0.0,
-                 dropout: float = 0.0, fused: bool = True):
+                 dropout: float = 0.0, fused: bool = True, kernel: str | None = None):
         super().__init__()
         if num_heads < 1 or embed_dim % num_heads:
             raise ValueError(_heads_message(embed_dim, num_heads))
@@ -253,6 +273,7 @@ class MultiheadSelfAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.attention_dropout = attention_dropout
         self.fused = fused  # set False to run the explicit path everywhere, e.g. to compare the two
+        self.kernel = ATTENTION_KERNELS[kernel] if kernel else None  # the fused path's kernel on CUDA (ViTConfig)
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.attn_drop = nn.Dropout(attention_dropout)
         self.proj = nn.Linear(embed_dim, embed_dim)
@@ -284,7 +305,12 @@ class MultiheadSelfAttention(nn.Module):
         else:
             weights = None
             dropout_p = self.attention_dropout if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            # sdpa_kernel is traced by torch.compile: no graph break. CUDA has every kernel; the CPU has "math".
+            if self.kernel is not None and (q.is_cuda or self.kernel == SDPBackend.MATH):
+                with sdpa_kernel(self.kernel):
+                    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
         out = out.transpose(1, 2).reshape(batch, q.shape[2], embed_dim)  # concatenate the heads
         out = self.proj_drop(self.proj(out))
@@ -338,11 +364,11 @@ class TransformerEncoderBlock(nn.Module):
     """
 
     def __init__(self, embed_dim: int = 768, num_heads: int = 12, mlp_dim: int = 3072, dropout: float = 0.0,
-                 attention_dropout: float = 0.0, drop_path: float = 0.0):
+                 attention_dropout: float = 0.0, drop_path: float = 0.0, attention_kernel: str | None = None):
         super().__init__()
         # eps 1e-6 as in the official code (Flax's default); PyTorch's default 1e-5 would change the outputs.
         self.norm1 = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.attn = MultiheadSelfAttention(embed_dim, num_heads, attention_dropout, dropout)
+        self.attn = MultiheadSelfAttention(embed_dim, num_heads, attention_dropout, dropout, kernel=attention_kernel)
         self.norm2 = nn.LayerNorm(embed_dim, eps=1e-6)
         self.mlp = MLPBlock(embed_dim, mlp_dim, dropout)
         self.drop_path = StochasticDepth(drop_path, mode="row")  # "row": per image; the identity when p is 0
@@ -391,7 +417,7 @@ class ViT(nn.Module):
         self.pos_drop = nn.Dropout(config.dropout)  # Appendix B.1: dropout "directly after adding positional-"
         self.blocks = nn.ModuleList(
             TransformerEncoderBlock(config.embed_dim, config.num_heads, config.mlp_dim, config.dropout,
-                                    config.attention_dropout, drop_path)
+                                    config.attention_dropout, drop_path, config.attention_kernel)
             for drop_path in drop_path_rates(config.drop_path, config.num_layers)
         )
         self.norm = nn.LayerNorm(config.embed_dim, eps=1e-6)  # the LN of Eq. 4
