@@ -14,9 +14,14 @@ Checks (`--checks`, comma-separated, or all; matmul,models,data by default):
           and compiled; the aim compiled is 1.10)
   data    the data fast path: end-to-end training images/s at 224 px from a folder of JPEGs through
           `make_cached_loaders` (decoded once, augmented on the GPU), against synthetic input. Target: >= 90%.
-  pace    where the cifar10 recipe's time goes (3.5 minutes for batches 512, 512 with CUDA graphs and 2048 on
-          the H200; the default runs, unmeasured, are smaller): for each batch size and torch.compile mode of
-          --pace-runs (default 128, the recipe's, 128 with CUDA graphs, 512), three epochs of the recipe's schedule
+  attention  which of `F.scaled_dot_product_attention`'s kernels (`ViTConfig.attention_kernel`) trains the cifar10
+          recipe's model fastest: a training step on synthetic input with each (PyTorch's own choice first), at 4
+          times the recipe's batch in the default compile mode, where the GPU and not the host sets the pace (a
+          minute or two: one compilation each). The last row gives the cifar check's --cifar-set model_overrides
+          for the fastest, where it is ATTENTION_MIN_SPEEDUP times PyTorch's choice or more (also in the JSON).
+  pace    where the cifar10 recipe's time goes (3.5 minutes for the default runs on the H200 with the earlier
+          recipe's model; one run of this one's took 32 s with its profile): for each batch size and torch.compile
+          mode of --pace-runs (default 512, the recipe's, 512 with CUDA graphs, 2048), three epochs of the schedule
           with the real cached loaders, the last two resumed from a checkpoint as the cifar check resumes after its
           probe: ms per training step, training img/s, seconds per epoch with the evaluation (epoch 3's), the first
           epoch's (the compilations), and whether CUDA graphs were skipped where the mode asked for them;
@@ -75,10 +80,10 @@ sys.path.insert(0, str(REPO))  # use this checkout's vit_helpers even where it i
 
 from vit_helpers import bench, training  # noqa: E402
 from vit_helpers.files import atomic_write  # noqa: E402
-from vit_helpers.model import ViT, ViTConfig  # noqa: E402
+from vit_helpers.model import ATTENTION_KERNELS, ViT, ViTConfig  # noqa: E402
 from vit_helpers.recipes import get_recipe, one_kind_of_crop  # noqa: E402
 
-CHECKS = ("matmul", "models", "data", "pace", "cifar", "sweep")
+CHECKS = ("matmul", "models", "data", "attention", "pace", "cifar", "sweep")
 DEFAULT_CHECKS = ("matmul", "models", "data")
 BENCH_DATA = REPO / ".bench_data"
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
@@ -130,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cifar-set", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a field of the cifar10 recipe for this run, e.g. lr=2e-3 or augment=basic "
                              "(repeatable): for tuning it on short runs")
-    parser.add_argument("--pace-runs", default="128,128:reduce-overhead,512", type=parse_pace_runs,
+    parser.add_argument("--pace-runs", default="512,512:reduce-overhead,2048", type=parse_pace_runs,
                         help="for the pace check: comma-separated BATCH or BATCH:COMPILE_MODE (default: %(default)s)")
     parser.add_argument("--compile-mode", help="torch.compile mode for the compiled runs of the models, data and "
                                                "cifar checks (cifar: instead of the recipe's; pace's runs name their "
@@ -471,6 +476,51 @@ def recipe_train_config(recipe, args, device, **changes):
                                   "checkpoint_every": 10 ** 6, **changes})
 
 
+#: A kernel other than PyTorch's own choice is suggested only where its step is at least this much faster: a
+#: smaller gap is within what a separate compilation and the GPU's clock move a step.
+ATTENTION_MIN_SPEEDUP = 1.05
+
+
+def check_attention(args, device, results) -> list[tuple]:
+    """A training step of the cifar10 recipe's model (with --cifar-set's changes) with each attention kernel; see the
+    module's doc. On the CPU only PyTorch's choice and "math" exist (the others are CUDA's), uncompiled."""
+    recipe = with_changes(get_recipe("cifar10", device.type), args.cifar_set)
+    batch = 8 if args.smoke else 4 * recipe.batch_size
+    base = recipe.model_config(num_classes=10)
+    kernels = [None, *ATTENTION_KERNELS] if device.type == "cuda" else [None, "math"]
+    timing = bench.Timing(steps=args.steps, warmup_steps=2 if args.smoke else 10,
+                          compile=device.type == "cuda" and not args.no_compiled, keep_going=True)
+    ceiling = bench.measure_matmul_ceiling(device)
+    rows, measured = [], []
+    results["attention"] = {"batch_size": batch, "compiled": timing.compile, "results": measured}
+    for kernel in kernels:
+        result = bench.bench_one("ours", "train", replace(base, attention_kernel=kernel), batch, device, timing,
+                                 ceiling)
+        measured.append({"attention_kernel": kernel, **asdict(result)})
+        name = "PyTorch's choice" if kernel is None else f"attention_kernel={kernel}"
+        value = (f"{result.ms_per_step:.2f} ms/step, {result.images_per_second:,.0f} img/s"
+                 if result.images_per_second else result.note)
+        print(f"attention: {name}: {value}", flush=True)
+        rows.append(("attention", f"{name}, batch {batch}", value, "", "FAIL" if result.note.startswith("failed")
+                     else ""))
+        if args.json:
+            save_results(args.json, results)
+    speeds = {row["attention_kernel"]: row["images_per_second"] for row in measured if row["images_per_second"]}
+    fastest = max(speeds, key=speeds.get, default=None)
+    if None not in speeds or fastest is None or speeds[fastest] < ATTENTION_MIN_SPEEDUP * speeds[None]:
+        fastest = None
+    overrides = {**recipe.model_overrides, "attention_kernel": fastest} if fastest else recipe.model_overrides
+    results["attention"] |= {"fastest": fastest, "model_overrides": json.dumps(overrides)}
+    if None not in speeds:
+        suggestion = "(none: PyTorch's own choice failed)"
+    elif fastest is None:
+        suggestion = f"PyTorch's own choice (none {ATTENTION_MIN_SPEEDUP:g}x as fast): no change"
+    else:
+        suggestion = (f"--cifar-set 'model_overrides={json.dumps(overrides)}' ({speeds[fastest] / speeds[None]:.2f}x "
+                      f"PyTorch's choice)")
+    return rows + [("attention", "for the cifar check", suggestion, "", "")]
+
+
 def check_pace(args, device, results) -> list[tuple]:
     """Three epochs of the cifar10 recipe for each (batch size, compile mode) of --pace-runs; see the module's doc."""
     recipe, folder = cifar_recipe_and_folder(args, device)
@@ -770,7 +820,8 @@ def seconds_per_epoch(history: list[dict], eval_every: int) -> float:
 
 
 def fit_within_budget(model, train_loader, test_loader, config, checkpoint: Path, budget: float, started: float,
-                      progress: bool, after_first_epoch: Callable[[], None] | None = None) -> dict:
+                      progress: bool, after_first_epoch: Callable[[], None] | None = None,
+                      class_names: list[str] | None = None) -> dict:
     """Train `config`'s schedule, shortened where it cannot end within `budget` seconds of `started`
     (time.perf_counter()): a probe first, then the epochs that fit. The cifar check and each sweep variant train
     this way, so that a run ends its schedule, learning rate decayed, instead of being cut off in the middle of it.
@@ -791,19 +842,20 @@ def fit_within_budget(model, train_loader, test_loader, config, checkpoint: Path
     The probe evaluates after each of its epochs, whatever `config.eval_every` (evaluating changes nothing in the
     training): the pace counts the median of three evaluations, one every eval_every epochs, where the probe's
     one evaluation at its end alone could be a slow one (the first after a resume) and plan too few epochs.
-    `after_first_epoch` is called between the probe's two fits (the sweep's processes wait there for each other)."""
+    `after_first_epoch` is called between the probe's two fits (the sweep's processes wait there for each other).
+    `class_names` go to `training.fit`: MixUp and CutMix need their number where the model is not a ViT."""
     epochs = planned = config.epochs
     probe = min(max(2, min(4, int(config.warmup_epochs))), epochs)
     probe_config = replace(config, eval_every=1)
     if config.compile_mode in training.CUDA_GRAPH_MODES:
         torch._logging.set_logs(perf_hints=True)  # the log says why, wherever CUDA graphs are skipped
-    history = training.fit(model, train_loader, test_loader, config=probe_config, progress=progress,
-                           checkpoint_path=checkpoint, stop_after_epoch=1)
+    history = training.fit(model, train_loader, test_loader, config=probe_config, class_names=class_names,
+                           progress=progress, checkpoint_path=checkpoint, stop_after_epoch=1)
     if after_first_epoch is not None:
         after_first_epoch()
     if probe > 1:  # the same model object: the compiled graphs are reused, not rebuilt
-        history = training.fit(model, train_loader, test_loader, config=probe_config, progress=progress,
-                               checkpoint_path=checkpoint, resume=True, stop_after_epoch=probe)
+        history = training.fit(model, train_loader, test_loader, config=probe_config, class_names=class_names,
+                               progress=progress, checkpoint_path=checkpoint, resume=True, stop_after_epoch=probe)
     elapsed = time.perf_counter() - started
     pace = seconds_per_epoch(history, config.eval_every)
     fitting = epochs_that_fit(epochs, len(history), elapsed, pace, budget)
@@ -817,8 +869,9 @@ def fit_within_budget(model, train_loader, test_loader, config, checkpoint: Path
               f"epochs, the most that fit {budget / 60:g} min", flush=True)
         epochs, config = fitting, replace(config, epochs=fitting)
     if len(history) < epochs:  # the same model object: the compiled graphs are reused, not rebuilt
-        history = training.fit(model, train_loader, test_loader, config=config, progress=progress,
-                               checkpoint_path=checkpoint, resume=True, time_limit_s=budget - elapsed)
+        history = training.fit(model, train_loader, test_loader, config=config, class_names=class_names,
+                               progress=progress, checkpoint_path=checkpoint, resume=True,
+                               time_limit_s=budget - elapsed)
     checkpoint.unlink(missing_ok=True)
     return result | {"history": history, "epochs": epochs}
 
@@ -835,7 +888,7 @@ def check_cifar(args, device, results) -> list[tuple]:
                                  batch_size=batch_size)
     budget = args.cifar_minutes * 60
     run = fit_within_budget(model, train_loader, test_loader, config, args.work_dir / "cifar_check_checkpoint.pt",
-                            budget, started, progress=not args.smoke)
+                            budget, started, progress=not args.smoke, class_names=classes)
     history, planned, epochs, pace = run["history"], run["planned"], run["epochs"], run["pace"]
     if not run["exact"]:
         results["cifar"] = {"recipe": asdict(recipe), "epochs_planned": planned, "epochs_done": len(history),
@@ -870,24 +923,14 @@ def check_cifar(args, device, results) -> list[tuple]:
             ("cifar", "seconds per epoch (median after the first, evaluations included)", f"{pace:.1f} s", "", "")]
 
 
-#: The sweep's variants where --sweep names none: each a name and its changes to the cifar10 recipe. Chosen in the
-#: twelfth session (BENCHMARKS.md, "What 'repeated augmentation 3' meant"): Lee et al. 2021 ("Vision Transformer for
-#: Small-Size Datasets") report 93.6% on CIFAR-10 for a plain ViT of 2.7 M parameters, and their "100 epochs with
-#: repeated augmentation 3" are FixRes's batch sampler with an epoch three times the data: 300 passes, 117,000 steps
-#: of 128. At the recipe's 5.3 ms per step of 128 (most likely bound by the host: unprofiled) 10 minutes hold about
-#: 170 passes; a batch of 512 ran at 2.4 times the images per second. So their model and regularisers (stochastic
-#: depth 0.1, random erasing 0.25, MixUp and CutMix on half the batches, 30 passes of warm-up, the recipe's
-#: AutoAugment after shifted crops, with the grey fill of their PIL policy, and label smoothing) at batches of 256
-#: and 512, the learning rate scaled by the square root of the batch from their 1e-3 at 128, each fitting as many
-#: passes as end by the deadline.
-LEE_MODEL = json.dumps({"embed_dim": 192, "num_layers": 9, "num_heads": 12, "mlp_dim": 384, "init": "timm",
-                        "drop_path": 0.1})
-HALF_MIXED = ("mixup_alpha=1.0", "cutmix_alpha=1.0", "mix_probability=0.5")
-LEE_REGULARISED = ("model_overrides=" + LEE_MODEL, "warmup_epochs=30", "random_erasing=0.25", "augment_fill=128",
-                   *HALF_MIXED)
+#: The sweep's variants where --sweep names none: each a name and its changes to the cifar10 recipe. The recipe is
+#: Lee et al.'s model and regularisers at batch 512 since the sixteenth session, whose sweep ran these two side by
+#: side on the H200 (BENCHMARKS.md): batch 512 ended at 0.882, batch 256 (the learning rate scaled by the square
+#: root of the batch) at 0.874. Two processes with CUDA graphs got 0.63 of one process's images per second between
+#: them, so a sweep compares variants; it does not measure the target.
 DEFAULT_SWEEP = (
-    ("lee-b256", *LEE_REGULARISED, "batch_size=256", "lr=1.4e-3"),
-    ("lee-b512", *LEE_REGULARISED, "batch_size=512", "lr=2e-3"),
+    ("recipe",),
+    ("b256", "batch_size=256", "lr=1.4e-3"),
 )
 #: Models that are not a ViT, for a variant to measure what the data allows: `reference_model`.
 REFERENCE_MODELS = ("resnet18",)
@@ -1105,7 +1148,8 @@ def train_sweep_variant(args, device, variant: dict, names: list[str], started: 
     # stopped by a time limit would leave it there.
     run = fit_within_budget(model, train_loader, test_loader, config,
                             args.work_dir / f"sweep_{variant['name']}_checkpoint.pt", budget, started, progress=True,
-                            after_first_epoch=lambda: wait_for_siblings(args, variant["name"], names))
+                            after_first_epoch=lambda: wait_for_siblings(args, variant["name"], names),
+                            class_names=classes)
     sweep_started = args.sweep_deadline - args.sweep_minutes * 60  # the parent's start, on the same clock
     save_variant_result(args, variant, {"recipe": asdict(recipe), "model": variant["reference"] or recipe.model,
                                         "parameters": sum(parameter.numel() for parameter in model.parameters()),

@@ -1,6 +1,7 @@
 """scripts/gpu_checks.py, the one script every GPU session runs: it must work the first time on the device, so
 its `--smoke` mode runs every check here on the CPU, on a small archive laid out like the CIFAR-10 JPEG one."""
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -11,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from test_training import paper_vit_parameters
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -98,7 +98,11 @@ def test_smoke_run_measures_every_check_and_saves_them(gpu_checks, archive, tmp_
     # The same seeds, so the same run whatever the batch size's place in the list (on the CPU no mode compiles)
     assert len({(run["train_loss"], run["test_accuracy"]) for run in runs}) == 1
     checks = {row[0] for row in results["summary"]}
-    assert checks == {"matmul", "models", "data", "pace", "cifar", "sweep"}
+    assert checks == {"matmul", "models", "data", "attention", "pace", "cifar", "sweep"}
+    # On the CPU: PyTorch's choice and the math kernel, the only one the CPU has, and the recipe's model either way
+    assert [row["attention_kernel"] for row in results["attention"]["results"]] == [None, "math"]
+    assert all(row["images_per_second"] > 0 for row in results["attention"]["results"])
+    assert json.loads(results["attention"]["model_overrides"])["num_layers"] == 9
     assert {variant["name"] for variant in results["sweep"]["variants"]} == {spec[0] for spec in
                                                                              gpu_checks.DEFAULT_SWEEP}
     # The issue's target as a verdict: ours / timm from the same run (timm is a dev dependency, so measured here)
@@ -134,7 +138,7 @@ def test_pace_rows_flag_a_mode_that_trains_differently(gpu_checks):
 def test_pace_suggests_the_cifar_settings_by_its_rule(gpu_checks):
     from vit_helpers.recipes import get_recipe
 
-    recipe = gpu_checks.with_changes(get_recipe("cifar10", "cuda"), ["batch_size=512"])  # lr 1e-3, 5 warm-up
+    recipe = gpu_checks.with_changes(get_recipe("cifar10", "cuda"), ["batch_size=512", "lr=1e-3", "warmup_epochs=5"])
 
     def run(batch, mode, speed):
         return {"batch_size": batch, "compile_mode": mode, "train_images_per_second": speed, "train_loss": 2.0,
@@ -244,8 +248,39 @@ def test_the_pace_check_profiles_each_run_and_keeps_a_runs_figures_when_its_prof
 
 def test_the_default_checks_fit_one_device_command_and_all_means_all(gpu_checks):
     assert gpu_checks.parse_args([]).checks == ["matmul", "models", "data"]  # cifar alone takes its 10 minutes
-    assert gpu_checks.parse_args(["--checks", "all"]).checks == ["matmul", "models", "data", "pace", "cifar",
-                                                                 "sweep"]
+    assert gpu_checks.parse_args(["--checks", "all"]).checks == ["matmul", "models", "data", "attention", "pace",
+                                                                 "cifar", "sweep"]
+
+
+@pytest.mark.parametrize("speeds, fastest", [
+    ({None: 100.0, "math": 120.0}, "math"),  # 1.2x: the cifar check is told to use it
+    ({None: 100.0, "math": 104.0}, None),  # under ATTENTION_MIN_SPEEDUP: PyTorch's own choice stays
+    ({None: None, "math": 120.0}, None),  # PyTorch's choice failed: nothing to compare with, no suggestion
+])
+def test_the_attention_check_suggests_the_fastest_kernel_only_well_ahead_of_pytorchs(gpu_checks, monkeypatch,
+                                                                                      speeds, fastest):
+    timed = []
+
+    def bench_one(implementation, mode, config, batch_size, device, timing, ceiling):
+        timed.append((config.attention_kernel, batch_size, timing.compile))
+        speed = speeds[config.attention_kernel]
+        return gpu_checks.bench.BenchResult(implementation, mode, batch_size, timing.compile, ms_per_step=1.0,
+                                            images_per_second=speed, note="" if speed else "failed: no kernel")
+
+    monkeypatch.setattr(gpu_checks.bench, "bench_one", bench_one)
+    monkeypatch.setattr(gpu_checks.bench, "measure_matmul_ceiling", lambda device: 1e12)
+    args = gpu_checks.parse_args(["--checks", "attention", "--cifar-set", "batch_size=64"])
+    results = {}
+    rows = gpu_checks.check_attention(args, torch.device("cpu"), results)
+    assert timed == [(None, 256, False), ("math", 256, False)]  # 4x the recipe's batch; on the CPU, uncompiled
+    recipe_overrides = gpu_checks.get_recipe("cifar10").model_overrides
+    assert results["attention"]["fastest"] == fastest
+    assert json.loads(results["attention"]["model_overrides"]) == (
+        {**recipe_overrides, "attention_kernel": fastest} if fastest else recipe_overrides)
+    suggestion = rows[-1][2]
+    assert ('"attention_kernel": "math"' in suggestion) == (fastest == "math")
+    assert rows[-1][1] == "for the cifar check" and ("failed" in suggestion) == (speeds[None] is None)
+    assert [row[4] for row in rows[:2]] == ["FAIL" if speed is None else "" for speed in speeds.values()]
 
 
 def test_unknown_check_is_refused(gpu_checks, capsys):
@@ -270,10 +305,11 @@ def test_recipe_changes_are_parsed_as_the_fields_types(gpu_checks, capsys):
         gpu_checks.parse_args(["--cifar-set", "augment=false", "--cifar-set", "random_erasing=0.25"])
     assert "choose augment 'basic', 'strong' or 'autoaugment', or random_erasing 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a share of batches mixed, in a run that mixes none
-        gpu_checks.parse_args(["--cifar-set", "mix_probability=0.5"])
+        gpu_checks.parse_args(["--cifar-set", "mixup_alpha=0", "--cifar-set", "cutmix_alpha=0", "--cifar-set",
+                               "mix_probability=0.5"])
     assert "and mixing is off" in capsys.readouterr().err
-    config = recipe.model_config(10)  # the dict replaces the recipe's whole: ViT-S/4 with 6 layers
-    assert (config.num_layers, config.embed_dim, config.mlp_dim) == (6, 384, 1536)
+    config = recipe.model_config(10)  # the dict replaces the recipe's whole: ViT-Ti/4 with 6 layers
+    assert (config.num_layers, config.embed_dim, config.num_heads, config.mlp_dim) == (6, 192, 3, 768)
     with pytest.raises(SystemExit):
         gpu_checks.parse_args(["--cifar-set", "learning_rate=1"])
     assert "no field 'learning_rate'" in capsys.readouterr().err
@@ -557,21 +593,11 @@ def test_sweep_variants_are_checked_when_the_arguments_are_parsed(gpu_checks, ca
     # Built for the device the sweep runs on: on a GPU the recipe's compiled augmentation, and the compile mode
     # --cifar-set gives all
     by_name = {variant["name"]: variant for variant in gpu_checks.sweep_variants(args.sweep, args.cifar_set, "cuda")}
-    # Lee et al. 2021's plain ViT (4x4 patches, D=192, 9 layers of 12 heads, MLP 384): 2,697,610 parameters, counted
-    # from the equations, with their regularisers, at two batch sizes
-    assert set(by_name) == {"lee-b256", "lee-b512"}
-    for name, batch, lr in (("lee-b256", 256, 1.4e-3), ("lee-b512", 512, 2e-3)):
-        recipe = by_name[name]["recipe"]
-        config = recipe.model_config(10)
-        assert (config.embed_dim, config.num_layers, config.num_heads, config.mlp_dim, config.patch_size) == \
-            (192, 9, 12, 384, 4)
-        assert (config.drop_path, config.init) == (0.1, "timm") and by_name[name]["reference"] is None
-        assert sum(parameter.numel() for parameter in gpu_checks.ViT(config).parameters()) == \
-            paper_vit_parameters(width=192, layers=9, mlp_dim=384) == 2697610
-        assert (recipe.batch_size, recipe.lr, recipe.warmup_epochs, recipe.random_erasing) == (batch, lr, 30, 0.25)
-        assert (recipe.mixup_alpha, recipe.cutmix_alpha, recipe.mix_probability) == (1.0, 1.0, 0.5)
-        assert (recipe.augment, recipe.crop_padding, recipe.label_smoothing) == ("autoaugment", 4, 0.1)
-        assert recipe.augment_fill == 128  # their PIL policy's grey
+    # The recipe as it is, and at batch 256 with the learning rate scaled by the square root of the batch
+    assert set(by_name) == {"recipe", "b256"} and by_name["recipe"]["changes"] == []
+    recipe = gpu_checks.get_recipe("cifar10", "cuda")
+    assert by_name["recipe"]["recipe"] == dataclasses.replace(recipe, compile_mode=None)
+    assert by_name["b256"]["recipe"] == dataclasses.replace(recipe, compile_mode=None, batch_size=256, lr=1.4e-3)
     reference = gpu_checks.sweep_variants([("cnn", "reference=resnet18")], [], "cuda")[0]
     assert reference["reference"] == "resnet18" and reference["changes"] == ["reference=resnet18"]
     assert all(variant["recipe"].compile_augment for variant in by_name.values())
