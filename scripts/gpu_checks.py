@@ -926,7 +926,7 @@ def check_cifar(args, device, results) -> list[tuple]:
 #: The sweep's variants where --sweep names none: each a name and its changes to the cifar10 recipe. The recipe is
 #: Lee et al.'s model and regularisers at batch 512 since the sixteenth session, whose sweep ran these two side by
 #: side on the H200 (BENCHMARKS.md): batch 512 ended at 0.882, batch 256 (the learning rate scaled by the square
-#: root of the batch) at 0.874. Two processes with CUDA graphs got 0.63 of one process's images per second between
+#: root of the batch) at 0.874. Two processes with CUDA graphs got 0.66 of one process's images per second between
 #: them, so a sweep compares variants; it does not measure the target.
 DEFAULT_SWEEP = (
     ("recipe",),

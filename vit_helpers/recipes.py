@@ -113,9 +113,10 @@ RECIPES: dict[str, Recipe] = {
         description=("CIFAR-10 from scratch on one H100/H200: the paper's architecture at 32 px with 4x4 patches, "
                      "the images cached and augmented on the GPU. The goal, >= 90% test accuracy within 10 minutes, "
                      "is NOT met yet: measured on an H200, 2026-11-28 (BENCHMARKS.md), 0.882 after a schedule of 165 "
-                     "of these epochs fitted to 8 minutes beside another run (2.2 s per epoch); alone an epoch took "
-                     "0.87 s, and these 550 epochs, unmeasured as a whole, are what fits about 9 minutes at that pace "
-                     "(the earlier recipe, omihub777/ViT-CIFAR's model at batch 128: 0.830). Check: "
+                     "of these epochs fitted to the 7.2 minutes a sweep left it, beside another run for all but the "
+                     "last 15 (2.25 s per epoch); alone an epoch took 0.87 s, and these 550 epochs, unmeasured as a "
+                     "whole, are what fits about 9 minutes at that pace (the earlier recipe, omihub777/ViT-CIFAR's "
+                     "model at batch 128: 0.830). Check: "
                      "scripts/gpu_checks.py --checks cifar; variants side by side: --checks sweep"),
         data="cifar10",
         # Lee et al. 2021 ("Vision Transformer for Small-Size Datasets"), whose plain ViT is published at 93.6% on
