@@ -252,35 +252,39 @@ def test_the_default_checks_fit_one_device_command_and_all_means_all(gpu_checks)
                                                                  "cifar", "sweep"]
 
 
-@pytest.mark.parametrize("speeds, fastest", [
-    ({None: 100.0, "math": 120.0}, "math"),  # 1.2x: the cifar check is told to use it
-    ({None: 100.0, "math": 104.0}, None),  # under ATTENTION_MIN_SPEEDUP: PyTorch's own choice stays
-    ({None: None, "math": 120.0}, None),  # PyTorch's choice failed: nothing to compare with, no suggestion
+@pytest.mark.parametrize("device, speeds, fastest", [
+    ("cpu", {None: 100.0, "math": 120.0}, "math"),  # 1.2x: the cifar check is told to use it
+    ("cpu", {None: 100.0, "math": 104.0}, None),  # under ATTENTION_MIN_SPEEDUP: PyTorch's own choice stays
+    ("cpu", {None: None, "math": 120.0}, None),  # PyTorch's choice failed: nothing to compare with, no suggestion
+    # On CUDA every kernel, compiled; the fastest wins, even where another also clears the bar
+    ("cuda", {None: 100.0, "math": 130.0, "efficient": 110.0, "flash": 140.0, "cudnn": None}, "flash"),
 ])
-def test_the_attention_check_suggests_the_fastest_kernel_only_well_ahead_of_pytorchs(gpu_checks, monkeypatch,
+def test_the_attention_check_suggests_the_fastest_kernel_only_well_ahead_of_pytorchs(gpu_checks, monkeypatch, device,
                                                                                       speeds, fastest):
-    timed = []
+    timed, fast_math = [], []
 
     def bench_one(implementation, mode, config, batch_size, device, timing, ceiling):
-        timed.append((config.attention_kernel, batch_size, timing.compile))
+        timed.append((config.attention_kernel, batch_size, timing.compile, timing.profile_rows > 0))
         speed = speeds[config.attention_kernel]
         return gpu_checks.bench.BenchResult(implementation, mode, batch_size, timing.compile, ms_per_step=1.0,
                                             images_per_second=speed, note="" if speed else "failed: no kernel")
 
     monkeypatch.setattr(gpu_checks.bench, "bench_one", bench_one)
     monkeypatch.setattr(gpu_checks.bench, "measure_matmul_ceiling", lambda device: 1e12)
+    monkeypatch.setattr(gpu_checks.training, "_enable_fast_math", lambda device: fast_math.append(device.type))
     args = gpu_checks.parse_args(["--checks", "attention", "--cifar-set", "batch_size=64"])
     results = {}
-    rows = gpu_checks.check_attention(args, torch.device("cpu"), results)
-    assert timed == [(None, 256, False), ("math", 256, False)]  # 4x the recipe's batch; on the CPU, uncompiled
+    rows = gpu_checks.check_attention(args, torch.device(device), results)
+    # 4x the recipe's batch, each profiled; compiled on CUDA only; TF32 as in training
+    assert timed == [(kernel, 256, device == "cuda", True) for kernel in speeds] and fast_math == [device]
     recipe_overrides = gpu_checks.get_recipe("cifar10").model_overrides
     assert results["attention"]["fastest"] == fastest
     assert json.loads(results["attention"]["model_overrides"]) == (
         {**recipe_overrides, "attention_kernel": fastest} if fastest else recipe_overrides)
     suggestion = rows[-1][2]
-    assert ('"attention_kernel": "math"' in suggestion) == (fastest == "math")
+    assert (f'"attention_kernel": "{fastest}"' in suggestion) == (fastest is not None)
     assert rows[-1][1] == "for the cifar check" and ("failed" in suggestion) == (speeds[None] is None)
-    assert [row[4] for row in rows[:2]] == ["FAIL" if speed is None else "" for speed in speeds.values()]
+    assert [row[4] for row in rows[:-1]] == ["FAIL" if speed is None else "" for speed in speeds.values()]
 
 
 def test_unknown_check_is_refused(gpu_checks, capsys):
