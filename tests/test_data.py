@@ -751,16 +751,20 @@ def test_a_phone_photo_stored_sideways_loads_upright(tmp_path):
 
 
 def test_worker_processes_decode_and_check_images_as_this_process_does(tmp_path):
-    # Every kind of file the loaders meet, and more images than one batch holds (a batch is about 2 MB of pixels:
-    # 10 images at 256 px), so that batches from two workers are put back in order.
+    # Every kind of file the loaders meet, and more images than one batch holds (a batch is about 1 MB of pixels:
+    # 5 images at 256 px), so that batches from two workers are put back in order.
     paths = [write_image(tmp_path / f"rgb{i}.jpg", seed=i, size=(20 + i, 14)) for i in range(21)]
     paths += [write_image(tmp_path / f"{mode}.png", mode, seed=30) for mode in ("L", "RGBA", "P")]
     paths += [write_image(tmp_path / "cmyk.jpg", "CMYK", seed=31)]
     Image.new("I;16", (6, 6), 30000).save(tmp_path / "sixteen.png")
     paths = [str(path) for path in paths + [tmp_path / "sixteen.png"]]
+    torch.manual_seed(0)
+    random_state = torch.get_rng_state()
     here = gpu_data.decode_images(paths, 256, workers=0)
     assert here.shape == (len(paths), 3, 256, 256)
     assert torch.equal(gpu_data.decode_images(paths, 256, workers=2), here)
+    # No random number drawn from the global generator: a cold cache and a warm one leave the same seed behind
+    assert torch.equal(torch.get_rng_state(), random_state)
     # Each image as the test transform's resize and crop gives it, in the order of the paths
     geometry = data.resize_and_crop(256)
     for index in (0, 12, 20, len(paths) - 1):
@@ -771,6 +775,23 @@ def test_worker_processes_decode_and_check_images_as_this_process_does(tmp_path)
     (tmp_path / "text.png").write_text("hello")
     verdicts = data.verify_images(paths + broken, tmp_path, workers=2)
     assert verdicts == data.verify_images(paths + broken, tmp_path, workers=0) and sorted(verdicts) == sorted(broken)
+
+
+def test_worker_processes_are_used_where_they_pay_and_start_by_fork(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(data, "_cpu_count", lambda: 16)
+    monkeypatch.setattr(data, "_workers_start_by_fork", lambda: True)
+    assert [data.default_path_workers(count) for count in (10, 5000, 5001, 60000)] == [0, 0, 8, 8]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's processes on this machine share its cores
+    assert data.default_path_workers(60000) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert data.default_path_workers(60000) == 0  # 2 cores each
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(data, "_cpu_count", lambda: 2)
+    assert data.default_path_workers(60000) == 0
+    monkeypatch.setattr(data, "_cpu_count", lambda: 16)
+    monkeypatch.setattr(data, "_workers_start_by_fork", lambda: False)  # spawn would import torch in each worker
+    assert data.default_path_workers(60000) == 0
 
 
 def test_truncated_and_unreadable_files_are_skipped_with_a_warning_that_names_them(tmp_path, monkeypatch):

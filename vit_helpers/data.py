@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import warnings
 from collections import Counter
@@ -127,29 +128,51 @@ def _as_list(batch: list) -> list:  # a module-level function: workers started b
     return batch
 
 
+def _workers_start_by_fork() -> bool:
+    """Whether worker processes start by fork here (Linux before Python 3.14): in a moment, with this process's
+    imports. Spawn and forkserver (macOS, Windows, Linux from 3.14) import torch again in each worker, seconds each,
+    and need the calling script's `if __name__ == "__main__":` guard."""
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    return method == "fork"
+
+
+def default_path_workers(count: int) -> int:
+    """`map_paths`' worker processes for `count` paths: none for 5,000 or fewer (the shipped sample's size: a few
+    seconds' work either way), on 2 cores or fewer (measured on 2: this process alone decoded about as fast as two
+    workers beside it, BENCHMARKS.md) or where workers do not start by fork; else one per core this process may use
+    (under torchrun, its share of them), at most 8."""
+    cores = _cpu_count() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if count <= 5000 or cores <= 2 or not _workers_start_by_fork():
+        return 0
+    return min(8, cores)
+
+
 def map_paths(function, paths: list[str], *, stack: bool = False, item_bytes: int = 0, workers: int | None = None,
               desc: str | None = None, disable: bool = False):
     """Yield `function(path)` for every path, in order, in batches: tensors stacked into one (`stack=True`) or
-    lists. The work runs in a DataLoader's worker processes where it pays, otherwise in this process.
+    lists. The work runs in a DataLoader's worker processes (`workers`; None: `default_path_workers`), else in this
+    process.
 
     Why processes and not threads: opening a small image is mostly Python (PIL's header parsing, the transforms),
     which holds the GIL. Measured (BENCHMARKS.md, "Reading a data set"): 16 threads on the H200's host decoded
-    CIFAR-10's 32x32 JPEGs at 1,550 img/s, a third of what one thread does on the 2-core CI machine; processes
-    scale with the cores.
+    CIFAR-10's 32x32 JPEGs at 1,550 img/s, under a third of what one thread did on the 2-core CI machine.
     `function` must be picklable (a module-level function or a class instance). `item_bytes` (the size of one
-    result) keeps a batch near 2 MB, so the batches in flight stay well inside a container's shared memory.
-    `workers` None: none for 5,000 paths or fewer (starting processes costs more than it saves) or on 2 cores or
-    fewer (measured on 2: this process alone decoded as fast as two workers beside it), else one per core, at most
-    8."""
+    result) keeps a batch near 1 MB: with 8 workers and 2 batches each in flight, 16 MB of shared memory, a quarter
+    of a container's default 64 MB. The global random state is left as it was: the loader draws its workers' seeds
+    from a generator of its own, so that building a data set with a cold cache or a warm one seeds alike."""
     if workers is None:
-        workers = 0 if len(paths) <= 5000 or _cpu_count() <= 2 else min(8, _cpu_count())
-    batch_size = max(1, min(256, (2 << 20) // item_bytes)) if item_bytes else 256
+        workers = default_path_workers(len(paths))
+    batch_size = max(1, min(256, (1 << 20) // item_bytes)) if item_bytes else 256
     loader = DataLoader(_EachPath(function, paths), batch_size=batch_size, num_workers=workers,
-                        collate_fn=None if stack else _as_list)
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=disable) as bar:
-        for batch in loader:
-            bar.update(len(batch))
-            yield batch
+                        collate_fn=None if stack else _as_list, generator=torch.Generator())
+    batches = iter(loader)
+    try:
+        with tqdm(total=len(paths), desc=desc, unit="img", disable=disable) as bar:
+            for batch in batches:
+                bar.update(len(batch))
+                yield batch
+    finally:
+        del batches  # the workers stop now, also after an error (whose traceback would keep this frame alive)
 
 
 def verify_images(paths: list[str], root: str | Path, cache_file: Path | None = None,
@@ -158,6 +181,7 @@ def verify_images(paths: list[str], root: str | Path, cache_file: Path | None = 
 
     Decoding 26k photos takes a minute, so verdicts are kept in `cache_file` (JSON: path relative to root ->
     [size, mtime, reason or null]); only new or changed files are opened again.
+    `workers`: `map_paths`' worker processes (None: as many as pay).
     """
     cache = read_json(cache_file) if cache_file else {}
     verdicts, to_check = {}, []

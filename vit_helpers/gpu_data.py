@@ -120,6 +120,8 @@ def decode_images(paths: list[str], image_size: int, workers: int | None = None)
                            workers=workers, desc=f"decoding at {image_size}px"):
         images[start:start + len(batch)] = batch
         start += len(batch)
+    if start != len(paths):
+        raise RuntimeError(f"decoded {start} of {len(paths)} images: the decoding stopped early.")
     return images
 
 
