@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -158,14 +159,35 @@ def test_resume_refuses_data_with_other_images_even_where_the_steps_per_epoch_ag
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
 
 
+@pytest.mark.parametrize("flags", [(), ("--no-cached",)])
+def test_resume_refuses_data_whose_files_were_renamed_and_takes_the_same_files_moved(tiny_folder, tmp_path, capsys,
+                                                                                       flags):
+    """As many images, but one of them renamed: the same counts and steps, yet a folder split by stratified_split
+    would split otherwise. The same files in another folder are the run's data."""
+    data = shutil.copytree(tiny_folder, tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(train_args(data, out, "--stop-after-epoch", "1", *flags)) == 0
+    assert set(load_checkpoint(out / "checkpoint.pt")["metadata"]["image_files"]) == {"train", "test"}
+    renamed = shutil.copytree(data, tmp_path / "renamed")
+    (renamed / "test" / "red" / "0.png").rename(renamed / "test" / "red" / "9.png")
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--data", str(renamed)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the new data's decoding bar
+    assert "the test images of --data" in error and "are not the files this run had" in error
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    moved = shutil.copytree(data, tmp_path / "moved")
+    assert main(["train", "--out", str(out), "--resume", "--data", str(moved)]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+
+
 def test_resume_refuses_data_that_gives_another_number_of_steps_per_epoch(tiny_folder, tmp_path, capsys):
     """The schedule counts steps: from fewer steps per epoch the learning rate would run off its schedule. Here
-    a checkpoint that does not record its image counts (as before they were), resumed on half the images; under
-    torchrun another number of processes changes the steps per epoch the same way."""
+    a checkpoint that does not record its image counts and names (as before they were), resumed on half the images;
+    under torchrun another number of processes changes the steps per epoch the same way."""
     out = tmp_path / "run"
     assert main(train_args(tiny_folder, out, "--stop-after-epoch", "1")) == 0
     checkpoint = load_checkpoint(out / "checkpoint.pt")
-    del checkpoint["metadata"]["images"]
+    del checkpoint["metadata"]["images"], checkpoint["metadata"]["image_files"]
     torch.save(checkpoint, out / "checkpoint.pt")
     smaller = make_image_folders(tmp_path / "smaller", COLOURS, train=8)  # the same classes, half the images
     capsys.readouterr()

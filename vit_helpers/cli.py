@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -287,7 +288,8 @@ def resumed_settings(args, checkpoint_path: Path) -> tuple[dict, dict]:
         raise UsageError(f"--resume: this run has completed {checkpoint['epoch']} epochs already, so "
                          f"--stop-after-epoch {args.stop_after_epoch} is past; give a later epoch, or drop it.")
     run = {key: checkpoint.get(key) for key in ("class_names", "steps_per_epoch", "world_size")}
-    return settings, dict(run, images=checkpoint.get("metadata", {}).get("images"))
+    metadata = checkpoint.get("metadata", {})
+    return settings, dict(run, images=metadata.get("images"), image_files=metadata.get("image_files"))
 
 
 def image_counts(train_loader, test_loader) -> dict[str, int]:
@@ -295,11 +297,20 @@ def image_counts(train_loader, test_loader) -> dict[str, int]:
     return {"train": len(train_loader.dataset), "test": len(test_loader.dataset)}
 
 
+def image_files(train_loader, test_loader) -> dict[str, str] | None:
+    """A digest of each split's file names, in order (`VerifiedImageFolder.files`: relative to the data folder, so a
+    folder moved elsewhere gives the same), or None where a loader's data set does not list them."""
+    splits = {"train": train_loader.dataset, "test": test_loader.dataset}
+    if any(getattr(dataset, "files", None) is None for dataset in splits.values()):
+        return None
+    return {split: hashlib.sha256("\n".join(dataset.files).encode()).hexdigest() for split, dataset in splits.items()}
+
+
 def check_same_run_data(run: dict | None, class_names, train_loader, test_loader, settings: dict) -> None:
     """--resume: the data must have the classes the run was trained on, in the same order; as many training and
-    test images (a folder split by `data.stratified_split` splits anew when an image is added or removed, and
-    test images would then be trained on); and give as many steps per epoch (`training.fit` refuses otherwise:
-    its schedule counts steps)."""
+    test images, with the same names (a folder split by `data.stratified_split` splits anew when an image is added,
+    removed or renamed, and test images would then be trained on); and give as many steps per epoch
+    (`training.fit` refuses otherwise: its schedule counts steps)."""
     if run is None:
         return
     run_class_names, data = run["class_names"], settings["data"]
@@ -310,12 +321,18 @@ def check_same_run_data(run: dict | None, class_names, train_loader, test_loader
         raise UsageError(f"--resume: --data {data} has the classes {listed(list(class_names))}, but this run was "
                          f"trained on {listed(list(run_class_names))}; give the run's data, or start a new run "
                          f"with a new --out.")
-    counts = image_counts(train_loader, test_loader)
+    counts, files = image_counts(train_loader, test_loader), image_files(train_loader, test_loader)
     if run["images"] is not None and run["images"] != counts:
         raise UsageError(f"--resume: --data {data} holds {counts['train']} training and {counts['test']} test images, "
                          f"but this run had {run['images']['train']} and {run['images']['test']}: images were added or "
                          f"removed, and the split would not be the run's (test images could be trained on). Give the "
                          f"run's data, or start a new run with a new --out.")
+    if run.get("image_files") is not None and files is not None and run["image_files"] != files:
+        changed = " and ".join(split for split in files if files[split] != run["image_files"][split])
+        raise UsageError(f"--resume: the {changed} images of --data {data} are not the files this run had (some "
+                         f"renamed, replaced by others, or moved to another class), so the split would not be the "
+                         f"run's (test images could be trained on). Give the run's data, or start a new run with a "
+                         f"new --out.")
     steps, processes = run["steps_per_epoch"], run["world_size"]
     if steps is not None and steps != len(train_loader):
         world_size = training.distributed_info()[1]
@@ -444,7 +461,8 @@ def _prepared_train(args, settings, device, train_loader, test_loader, class_nam
     history = training.fit(model, train_loader, test_loader, config=train_config(settings),
                            class_names=class_names, checkpoint_path=out / "checkpoint.pt", resume=args.resume,
                            stop_after_epoch=args.stop_after_epoch,
-                           metadata={"settings": settings, "images": image_counts(train_loader, test_loader)})
+                           metadata={"settings": settings, "images": image_counts(train_loader, test_loader),
+                                     "image_files": image_files(train_loader, test_loader)})
     probabilities, labels = training.predict(model, test_loader, device)
     if rank == 0:
         write_results(out, settings, model, history, class_names, probabilities, labels, test_loader,

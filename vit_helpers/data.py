@@ -292,6 +292,12 @@ class VerifiedImageFolder(ImageFolder):
                                f"a seeded split.")
         return classes, {name: index for index, name in enumerate(classes)}
 
+    @property
+    def files(self) -> list[str]:
+        """Each image's path relative to the folder, '/'-separated, in the samples' order: what a resumed run
+        compares (`cli.image_files`), wherever the folder now lives."""
+        return [Path(os.path.relpath(path, self.root)).as_posix() for path, _ in self.samples]
+
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         samples = super().make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty=True)
         samples = [(path, target) for path, target in samples
@@ -547,6 +553,12 @@ class TransformedSubset(Dataset):
         self.class_to_idx = folder.class_to_idx
         self.samples = [folder.samples[i] for i in self.indices]
         self.targets = [target for _, target in self.samples]
+
+    @property
+    def files(self) -> list[str]:
+        """This part's images, relative to the whole folder (`VerifiedImageFolder.files`)."""
+        files = self.folder.files
+        return [files[i] for i in self.indices]
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -160,8 +160,9 @@ def _build_caches(root: Path, image_size: int, cache_dir: Path) -> dict[str, dic
     folders = {name: VerifiedImageFolder(path) for name, path in split_folders(root).items()}
     if "train" in folders:  # before decoding anything
         check_split_classes(root, folders["train"].classes, folders["test"].classes)
-    return {name: load_or_build_cache(folder, image_size, cache_dir / f"vit_cache_{name}_{image_size}.pt")
-            for name, folder in folders.items()}
+    # The files' names as well (not saved: the folder lists them), for what a resumed run compares
+    return {name: dict(load_or_build_cache(folder, image_size, cache_dir / f"vit_cache_{name}_{image_size}.pt"),
+                       files=folder.files) for name, folder in folders.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -562,10 +563,11 @@ class ShardSampler(Sampler):
 
 
 class CachedImages:
-    """What `loader.dataset` is for a cached loader: len(), .targets (a list, like ImageFolder's) and .classes."""
+    """What `loader.dataset` is for a cached loader: len(), .targets (a list, like ImageFolder's), .classes and
+    .files (`VerifiedImageFolder.files`'s names, or None where the loader was built without them)."""
 
-    def __init__(self, targets: list[int], classes: list[str]):
-        self.targets, self.classes = targets, classes
+    def __init__(self, targets: list[int], classes: list[str], files: list[str] | None = None):
+        self.targets, self.classes, self.files = targets, classes, files
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -590,11 +592,12 @@ class CachedImageLoader:
     """
 
     def __init__(self, images, targets, rows, classes, batch_size, device, *, train: bool, augment: DeviceAugment,
-                 seed: int = 42, num_replicas: int = 1, rank: int = 0, repeats: int = 1):
+                 seed: int = 42, num_replicas: int = 1, rank: int = 0, repeats: int = 1,
+                 files: list[str] | None = None):
         self.images, self.targets, self.rows = images, targets, rows
         self.batch_size, self.device, self.train, self.augment = batch_size, torch.device(device), train, augment
         self.seed, self.rank = seed, rank
-        self.dataset = CachedImages(targets.cpu()[rows].tolist(), list(classes))
+        self.dataset = CachedImages(targets.cpu()[rows].tolist(), list(classes), files)
         self.sampler = (training_sampler(range(len(rows)), seed, repeats, num_replicas=num_replicas, rank=rank)
                         if train else ShardSampler(len(rows), num_replicas, rank))
         self.drop_last = train
@@ -742,12 +745,15 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
         all_images = caches["all"]
         train_rows, test_rows = stratified_split(all_images["targets"].tolist(), test_fraction, seed)
         images, targets = _place([all_images["images"]], device, keep_on_device), all_images["targets"]
+        train_files = [all_images["files"][row] for row in train_rows]
+        test_files = [all_images["files"][row] for row in test_rows]
         train_rows, test_rows = torch.tensor(train_rows), torch.tensor(test_rows)
     else:  # one tensor for both splits: test rows follow the train rows
         images = _place([caches["train"]["images"], caches["test"]["images"]], device, keep_on_device)
         targets = torch.cat([caches["train"]["targets"], caches["test"]["targets"]])
         num_train = len(caches["train"]["targets"])
         train_rows, test_rows = torch.arange(num_train), torch.arange(num_train, len(targets))
+        train_files, test_files = caches["train"]["files"], caches["test"]["files"]
     classes = next(iter(caches.values()))["classes"]
     targets = targets.to(device)
     shared = dict(seed=seed, num_replicas=num_replicas, rank=rank)
@@ -755,10 +761,10 @@ def make_cached_loaders(data_dir, image_size: int = 224, batch_size: int = 256, 
                               augment=DeviceAugment(augment, mean, std, crop_scale, compile=compile_augment,
                                                     padding=crop_padding, magnitude=augment_magnitude,
                                                     erasing=random_erasing, fill=augment_fill),
-                              repeats=repeated_augmentation, **shared)
+                              repeats=repeated_augmentation, files=train_files, **shared)
     if len(train) == 0:
         raise ValueError(f"the training set has {len(train.sampler)} images per process, fewer than batch_size "
                          f"{batch_size}: lower batch_size.")
     test = CachedImageLoader(images, targets, test_rows, classes, batch_size, device, train=False,
-                             augment=DeviceAugment("none", mean, std), **shared)
+                             augment=DeviceAugment("none", mean, std), files=test_files, **shared)
     return train, test, classes
