@@ -52,9 +52,9 @@ NAMED_MODELS = ("ViT-Ti/16", "ViT-S/16", "ViT-B/16", "ViT-B/32", "ViT-L/16", "Vi
 INITS = ("official", "timm")
 
 #: `ViTConfig.attention_kernel`'s choices: which of `F.scaled_dot_product_attention`'s kernels runs on a CUDA GPU.
-#: None lets PyTorch choose: on the H200 under bf16, cuDNN's flash attention, which took 39% of the GPU's time in a
+#: None lets PyTorch choose: on the H200 under bf16, cuDNN's flash attention, which took 43% of the GPU's time in a
 #: training step of the cifar10 recipe's model (heads of D_h = 16, 65 tokens; BENCHMARKS.md). For heads this small
-#: another kernel may be faster: `scripts/gpu_checks.py --checks pace` with the choice in `model_overrides`.
+#: another kernel may be faster: `scripts/gpu_checks.py --checks attention` times each.
 ATTENTION_KERNELS: dict[str, SDPBackend] = {
     "math": SDPBackend.MATH,  # plain matrix products and a softmax, which torch.compile fuses like any other ops
     "efficient": SDPBackend.EFFICIENT_ATTENTION,  # the memory-efficient kernel (any precision)
