@@ -16,6 +16,8 @@ from vit_helpers.cli import main
 from vit_helpers.model import ViTConfig
 from vit_helpers.training import load_checkpoint
 
+from test_training import without_timings  # a history less its wall-clock figures
+
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -104,13 +106,6 @@ def test_eval_every_evaluates_less_often_and_may_change_on_resume(tiny_folder, t
     assert (out / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
     assert main(train_args(tiny_folder, tmp_path / "bad", "--eval-every", "0")) == 2
     assert "--eval-every" in capsys.readouterr().err
-
-
-TIMINGS = ("images_per_second", "seconds", "evaluation_seconds")
-
-
-def without_timings(history: list[dict]) -> list[dict]:
-    return [{key: value for key, value in record.items() if key not in TIMINGS} for record in history]
 
 
 def assert_same_weights(first: Path, second: Path) -> None:

@@ -166,7 +166,8 @@ def assert_same_tensors(first, second):
 TIMINGS = ("images_per_second", "seconds", "evaluation_seconds")
 
 
-def without_timings(history):
+def without_timings(history: list[dict]) -> list[dict]:
+    """A history less its wall-clock figures, which differ from run to run."""
     return [{key: value for key, value in record.items() if key not in TIMINGS} for record in history]
 
 
