@@ -17,6 +17,7 @@ Parameter names match timm's `VisionTransformer` one to one (`patch_embed.proj`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -305,11 +306,10 @@ class MultiheadSelfAttention(nn.Module):
         else:
             weights = None
             dropout_p = self.attention_dropout if self.training else 0.0
-            # sdpa_kernel is traced by torch.compile: no graph break. CUDA has every kernel; the CPU has "math".
-            if self.kernel is not None and (q.is_cuda or self.kernel == SDPBackend.MATH):
-                with sdpa_kernel(self.kernel):
-                    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-            else:
+            # The named kernel where this device has it (CUDA has every kernel; the CPU has "math"), else PyTorch's
+            # choice. torch.compile traces both contexts: no graph break.
+            named = self.kernel is not None and (q.is_cuda or self.kernel == SDPBackend.MATH)
+            with sdpa_kernel(self.kernel) if named else contextlib.nullcontext():
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
         out = out.transpose(1, 2).reshape(batch, q.shape[2], embed_dim)  # concatenate the heads
